@@ -1,0 +1,547 @@
+//! The command line: keys, configuration and evidence commands.
+//!
+//! Exit codes: 0 success; 1 the thing checked is not right (invalid config,
+//! evidence that does not verify); 2 the command could not do its work.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use jiff::Timestamp;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::config::{Config, ConfigError, public_key_path};
+use crate::crypto::{SigningKey, VerifyingKey};
+use crate::evidence::{self, Check, Draft, EvidenceStore, Filter, HostIdentity, Outcome};
+use crate::nixos::RunningSystem;
+use crate::{Error, Result};
+
+/// `println!` that ends the process quietly when stdout is closed (`| head`)
+/// instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
+/// HIPAA compliance agent for NixOS appliances: detects drift, heals it and
+/// writes Ed25519-signed, hash-chained evidence.
+#[derive(Debug, Parser)]
+#[command(name = "compliance-agent", version)]
+pub struct Cli {
+    /// Configuration file (TOML). Default: $COMPLIANCE_AGENT_CONFIG, else the
+    /// embedded local default (site "local", state in ./compliance-state or
+    /// $XDG_STATE_HOME/compliance-agent).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create an Ed25519 evidence signing key: DIR/signing.key (PKCS#8 PEM,
+    /// mode 0600) and DIR/signing.pub.pem (SPKI PEM). Never overwrites.
+    Keygen {
+        /// Directory for the key pair (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Add, list, show, verify and prune evidence bundles.
+    #[command(subcommand)]
+    Evidence(EvidenceCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the effective configuration (secrets as paths, never contents),
+    /// or every problem with it and how to fix it (exit 1).
+    Check {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EvidenceCommand {
+    /// Record manual evidence (a restore test done by hand, say); prints the new bundle's id.
+    Add {
+        /// patching, av_health, backup, logging, firewall, encryption or time_sync.
+        #[arg(long)]
+        check: String,
+        /// success, failed, reverted, deferred, alert, rejected or expired.
+        #[arg(long)]
+        outcome: String,
+        /// Free text kept in the bundle's post_state.
+        #[arg(long)]
+        note: Option<String>,
+        /// HIPAA controls instead of the check's defaults (comma-separated, e.g. 164.312(b)).
+        #[arg(long, value_delimiter = ',')]
+        controls: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List bundles, newest first.
+    List {
+        #[command(flatten)]
+        filter: ListFilter,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one bundle and whether its signature verifies.
+    Show {
+        bundle_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify every signature and the whole hash chain; exit 1 naming each problem.
+    Verify {
+        /// The signing public key (SPKI PEM). Default: signing.pub.pem beside the configured signing key.
+        #[arg(long, value_name = "PEM")]
+        pubkey: Option<PathBuf>,
+        /// The evidence directory. Default: evidence_dir of the configuration.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Counts per check and outcome, size, time span, chain length.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove bundles older than the retention period, keeping at least the N
+    /// newest; a signed checkpoint keeps the chain verifiable.
+    Prune {
+        /// Always keep at least this many of the newest bundles.
+        #[arg(long, value_name = "N")]
+        keep: u64,
+        /// Override evidence_retention_days.
+        #[arg(long, value_name = "DAYS")]
+        retention_days: Option<u32>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ListFilter {
+    #[arg(long)]
+    check: Option<String>,
+    #[arg(long)]
+    outcome: Option<String>,
+    /// From this instant or day (RFC 3339 or YYYY-MM-DD, UTC).
+    #[arg(long)]
+    since: Option<String>,
+    /// Before this instant, or up to the end of this day (RFC 3339 or YYYY-MM-DD, UTC).
+    #[arg(long)]
+    until: Option<String>,
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Keygen { out, json } => keygen(&out, json),
+        Command::Config(ConfigCommand::Check { json }) => config_check(cli.config.as_deref(), json),
+        Command::Evidence(cmd) => {
+            let config = Config::load(cli.config.as_deref())?;
+            evidence_command(&config, cmd)
+        }
+    }
+}
+
+fn print_json<T: Serialize>(value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(evidence::EvidenceError::from)?;
+    out!("{text}");
+    Ok(())
+}
+
+fn keygen(out: &Path, json: bool) -> Result<ExitCode> {
+    std::fs::create_dir_all(out).map_err(|source| Error::Io {
+        context: format!("cannot create {}", out.display()),
+        source,
+    })?;
+    let key = SigningKey::generate();
+    let private = out.join("signing.key");
+    let public = public_key_path(&private);
+    key.write_pair(&private, &public)?;
+    let fingerprint = key.verifying_key().fingerprint();
+    if json {
+        print_json(
+            &json!({ "private_key": private, "public_key": public, "fingerprint": fingerprint }),
+        )?;
+    } else {
+        out!(
+            "private key: {} (mode 0600; keep it on this box only)",
+            private.display()
+        );
+        out!(
+            "public key:  {} (give it to the MSP and the auditor)",
+            public.display()
+        );
+        out!("fingerprint: {fingerprint}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn config_check(path: Option<&Path>, json: bool) -> Result<ExitCode> {
+    match Config::load(path) {
+        Ok(config) => {
+            if json {
+                print_json(&json!({ "valid": true, "config": config }))?;
+            } else {
+                let value = serde_json::to_value(&config).map_err(evidence::EvidenceError::from)?;
+                if let serde_json::Value::Object(map) = value {
+                    for (k, v) in map {
+                        out!("{k} = {v}");
+                    }
+                }
+                out!("# configuration is valid");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(ConfigError::Invalid(issues)) => {
+            if json {
+                print_json(&json!({ "valid": false, "problems": issues }))?;
+            } else {
+                eprintln!("{}", ConfigError::Invalid(issues));
+            }
+            Ok(ExitCode::from(1))
+        }
+        Err(e) => {
+            if json {
+                print_json(
+                    &json!({ "valid": false, "problems": [{ "key": null, "message": e.to_string() }] }),
+                )?;
+            } else {
+                eprintln!("{e}");
+            }
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+/// The signing key of `config`; the local default creates one on first use.
+pub fn load_signing_key(config: &Config) -> Result<SigningKey> {
+    let path = &config.signing_key_file;
+    if config.creates_signing_key() && !path.exists() {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|source| Error::Io {
+                context: format!("cannot create {}", parent.display()),
+                source,
+            })?;
+        }
+        let key = SigningKey::generate();
+        let public = public_key_path(path);
+        key.write_pair(path, &public)?;
+        eprintln!(
+            "compliance-agent: created a new evidence signing key at {} (public key {}, fingerprint {}); \
+             keep the private key safe and give the public key to whoever verifies the evidence",
+            path.display(),
+            public.display(),
+            key.verifying_key().fingerprint()
+        );
+        return Ok(key);
+    }
+    Ok(SigningKey::load(path)?)
+}
+
+/// The evidence store of `config`, ready to write.
+pub fn open_evidence_store(config: &Config) -> Result<EvidenceStore> {
+    let key = load_signing_key(config)?;
+    let host = HostIdentity {
+        site_id: config.site_id.clone(),
+        host_id: config.host_id.clone(),
+        deployment_mode: config.deployment_mode,
+        reseller_id: config.reseller_id.clone(),
+        policy_version: config.policy_version.clone(),
+    };
+    Ok(EvidenceStore::open(
+        &config.evidence_dir,
+        key,
+        host,
+        RunningSystem::detect(),
+    )?)
+}
+
+/// The key that evidence is checked against: an explicit public key, the
+/// public key beside the signing key, or the signing key itself.
+fn verifying_key(config: &Config, pubkey: Option<&Path>) -> Result<VerifyingKey> {
+    if let Some(path) = pubkey {
+        return Ok(VerifyingKey::load(path)?);
+    }
+    let public = config.signing_pubkey_file();
+    if public.exists() {
+        return Ok(VerifyingKey::load(&public)?);
+    }
+    if config.signing_key_file.exists() {
+        return Ok(SigningKey::load(&config.signing_key_file)?.verifying_key());
+    }
+    Err(Error::Usage(format!(
+        "no public key to verify with: pass --pubkey signing.pub.pem (neither {} nor {} exists)",
+        public.display(),
+        config.signing_key_file.display()
+    )))
+}
+
+fn parse_instant(flag: &str, value: &str, end_of_day: bool) -> Result<Timestamp> {
+    if let Ok(ts) = value.parse::<Timestamp>() {
+        return Ok(ts);
+    }
+    let date: jiff::civil::Date = value.parse().map_err(|_| {
+        Error::Usage(format!("{flag} {value:?}: expected an RFC 3339 instant (2026-11-29T10:00:00Z) or a day (2026-11-29)"))
+    })?;
+    let date = if end_of_day {
+        date.tomorrow()
+            .map_err(|e| Error::Usage(format!("{flag} {value:?}: {e}")))?
+    } else {
+        date
+    };
+    date.to_zoned(jiff::tz::TimeZone::UTC)
+        .map(|z| z.timestamp())
+        .map_err(|e| Error::Usage(format!("{flag} {value:?}: {e}")))
+}
+
+fn parse_check(value: &str) -> Result<Check> {
+    Check::parse(value).ok_or_else(|| {
+        let names: Vec<&str> = Check::ALL.iter().map(|c| c.as_str()).collect();
+        Error::Usage(format!(
+            "unknown check {value:?}; use one of {}",
+            names.join(", ")
+        ))
+    })
+}
+
+fn parse_outcome(value: &str) -> Result<Outcome> {
+    Outcome::parse(value).ok_or_else(|| {
+        let names: Vec<&str> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
+        Error::Usage(format!(
+            "unknown outcome {value:?}; use one of {}",
+            names.join(", ")
+        ))
+    })
+}
+
+fn evidence_command(config: &Config, cmd: EvidenceCommand) -> Result<ExitCode> {
+    match cmd {
+        EvidenceCommand::Add {
+            check,
+            outcome,
+            note,
+            controls,
+            json,
+        } => {
+            let check = parse_check(&check)?;
+            if check == Check::EvidenceRetention {
+                return Err(Error::Usage(
+                    "evidence_retention bundles are written by `evidence prune` only".into(),
+                ));
+            }
+            let mut draft = Draft::new(check, parse_outcome(&outcome)?);
+            draft.post_state = json!({
+                "recorded_by": "manual",
+                "operator": std::env::var("SUDO_USER").or_else(|_| std::env::var("USER")).ok(),
+                "note": note,
+            });
+            if !controls.is_empty() {
+                draft.hipaa_controls = Some(controls);
+            }
+            let store = open_evidence_store(config)?;
+            let stored = store.store(draft)?;
+            if json {
+                print_json(&stored)?;
+            } else {
+                out!("{}", stored.bundle_id);
+            }
+            // Flush now: a caller may be killed right after reading the id.
+            let _ = std::io::stdout().flush();
+            Ok(ExitCode::SUCCESS)
+        }
+        EvidenceCommand::List { filter, json } => {
+            let filter = Filter {
+                check: filter.check.as_deref().map(parse_check).transpose()?,
+                outcome: filter.outcome.as_deref().map(parse_outcome).transpose()?,
+                since: filter
+                    .since
+                    .as_deref()
+                    .map(|s| parse_instant("--since", s, false))
+                    .transpose()?,
+                until: filter
+                    .until
+                    .as_deref()
+                    .map(|s| parse_instant("--until", s, true))
+                    .transpose()?,
+                limit: filter.limit,
+            };
+            let items = evidence::list(&config.evidence_dir, &filter)?;
+            if json {
+                print_json(&items)?;
+            } else {
+                out!(
+                    "{:>6}  {:<30}  {:<18}  {:<9}  BUNDLE_ID",
+                    "SEQ",
+                    "TIMESTAMP",
+                    "CHECK",
+                    "OUTCOME"
+                );
+                for s in &items {
+                    out!(
+                        "{:>6}  {:<30}  {:<18}  {:<9}  {}",
+                        s.seq,
+                        s.timestamp_end.to_string(),
+                        s.check.as_str(),
+                        s.outcome.as_str(),
+                        s.bundle_id
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        EvidenceCommand::Show { bundle_id, json } => {
+            let (bundle, dir) = evidence::find(&config.evidence_dir, &bundle_id)?;
+            let signature = match verifying_key(config, None) {
+                Ok(key) => match crate::crypto::verify_file(
+                    &key,
+                    &dir.join(evidence::BUNDLE_FILE),
+                    &dir.join(evidence::SIGNATURE_FILE),
+                ) {
+                    Ok(true) => format!("valid ({})", key.fingerprint()),
+                    Ok(false) => format!("INVALID for key {}", key.fingerprint()),
+                    Err(e) => format!("cannot be checked ({e})"),
+                },
+                Err(e) => format!("not checked ({e})"),
+            };
+            if json {
+                print_json(&json!({ "dir": dir, "signature": signature, "bundle": bundle }))?;
+            } else {
+                out!("bundle:    {} (seq {})", bundle.bundle_id, bundle.seq);
+                out!("check:     {} -> {}", bundle.check, bundle.outcome);
+                out!("controls:  {}", bundle.hipaa_controls.join(", "));
+                out!(
+                    "time:      {} .. {}",
+                    bundle.timestamp_start,
+                    bundle.timestamp_end
+                );
+                out!(
+                    "host:      {}/{} ({})",
+                    bundle.site_id,
+                    bundle.host_id,
+                    bundle.deployment_mode.as_str()
+                );
+                out!("signature: {signature}");
+                out!("path:      {}", dir.display());
+                if let Some(err) = &bundle.error {
+                    out!("error:     {err}");
+                }
+                let text =
+                    serde_json::to_string_pretty(&bundle).map_err(evidence::EvidenceError::from)?;
+                out!("{text}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        EvidenceCommand::Verify { pubkey, dir, json } => {
+            let key = verifying_key(config, pubkey.as_deref())?;
+            let root = dir.unwrap_or_else(|| config.evidence_dir.clone());
+            if !root.is_dir() {
+                return Err(Error::Usage(format!(
+                    "{} is not an evidence directory",
+                    root.display()
+                )));
+            }
+            let report = evidence::verify(&root, &key)?;
+            if json {
+                print_json(&report)?;
+            } else {
+                for p in &report.problems {
+                    out!("PROBLEM {p}");
+                }
+                let range = match (report.first_seq, report.last_seq) {
+                    (Some(a), Some(b)) => format!("seq {a}..{b}"),
+                    _ => "empty".into(),
+                };
+                let pruned = report
+                    .pruned_through_seq
+                    .map(|p| format!(", pruned through seq {p} by a signed checkpoint"))
+                    .unwrap_or_default();
+                out!(
+                    "{} bundles ({range}{pruned}), {} signatures valid, key {}: {}",
+                    report.bundles,
+                    report.signatures_valid,
+                    report.key_fingerprint,
+                    if report.ok() {
+                        "chain intact".to_owned()
+                    } else {
+                        format!("{} problem(s)", report.problems.len())
+                    }
+                );
+            }
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        EvidenceCommand::Stats { json } => {
+            let stats = evidence::stats(&config.evidence_dir)?;
+            if json {
+                print_json(&stats)?;
+            } else {
+                out!("bundles: {} ({} bytes)", stats.bundles, stats.bytes);
+                if let (Some(a), Some(b)) = (stats.first_seq, stats.last_seq) {
+                    out!("chain:   seq {a}..{b}");
+                }
+                if let (Some(a), Some(b)) = (stats.oldest, stats.newest) {
+                    out!("span:    {a} .. {b}");
+                }
+                if stats.unreadable > 0 {
+                    out!("unreadable: {} (run `evidence verify`)", stats.unreadable);
+                }
+                for (check, outcomes) in &stats.by_check {
+                    let parts: Vec<String> =
+                        outcomes.iter().map(|(o, n)| format!("{o}={n}")).collect();
+                    out!("  {check:<18} {}", parts.join(" "));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        EvidenceCommand::Prune {
+            keep,
+            retention_days,
+            json,
+        } => {
+            let store = open_evidence_store(config)?;
+            let days = retention_days.unwrap_or(config.evidence_retention_days);
+            let report = store.prune(keep, days, Timestamp::now())?;
+            if json {
+                print_json(&report)?;
+            } else if let Some(cp) = &report.checkpoint {
+                out!(
+                    "pruned {} bundle(s) older than {days} days; {} kept; checkpoint {} (seq {})",
+                    report.pruned,
+                    report.kept,
+                    cp.bundle_id,
+                    cp.seq
+                );
+            } else {
+                out!(
+                    "nothing to prune ({} bundle(s), none older than {days} days beyond the {keep} newest)",
+                    report.kept
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! The crate's error: one variant per concern, each carrying its own message.
+
+use crate::config::ConfigError;
+use crate::crypto::CryptoError;
+use crate::evidence::EvidenceError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    #[error(transparent)]
+    Evidence(#[from] EvidenceError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Usage(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,325 @@
+//! Evidence bundles: the signed, hash-chained record of every check, fix and order.
+
+mod layout;
+mod query;
+mod store;
+mod verify;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use layout::{BUNDLE_FILE, SIGNATURE_FILE};
+pub use query::{Filter, Stats, Summary, find, list, stats};
+pub use store::{Checkpoint, EvidenceStore, HostIdentity, PruneReport, StoredBundle};
+pub use verify::{Problem, VerifyReport, verify};
+
+use crate::config::DeploymentMode;
+use crate::nixos::SystemIdentity;
+
+/// Format version of bundle.json.
+pub const BUNDLE_VERSION: &str = "1.0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvidenceError {
+    #[error("evidence store {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot encode bundle: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("bundle {0} not found")]
+    NotFound(String),
+    #[error("bundle {path} is not a valid bundle: {message}")]
+    Corrupt {
+        path: std::path::PathBuf,
+        message: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, EvidenceError>;
+
+pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> EvidenceError + '_ {
+    move |source| EvidenceError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What a bundle speaks of: the seven baseline checks, and the store's own retention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Check {
+    Patching,
+    AvHealth,
+    Backup,
+    Logging,
+    Firewall,
+    Encryption,
+    TimeSync,
+    /// A prune checkpoint: which bundles left the local store.
+    EvidenceRetention,
+}
+
+impl Check {
+    pub const ALL: [Check; 8] = [
+        Check::Patching,
+        Check::AvHealth,
+        Check::Backup,
+        Check::Logging,
+        Check::Firewall,
+        Check::Encryption,
+        Check::TimeSync,
+        Check::EvidenceRetention,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Check::Patching => "patching",
+            Check::AvHealth => "av_health",
+            Check::Backup => "backup",
+            Check::Logging => "logging",
+            Check::Firewall => "firewall",
+            Check::Encryption => "encryption",
+            Check::TimeSync => "time_sync",
+            Check::EvidenceRetention => "evidence_retention",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
+    /// The HIPAA Security Rule (45 CFR 164) controls this check evidences.
+    pub fn hipaa_controls(self) -> &'static [&'static str] {
+        match self {
+            Check::Patching => &["164.308(a)(1)(ii)(B)", "164.308(a)(5)(ii)(B)"],
+            Check::AvHealth => &["164.308(a)(5)(ii)(B)"],
+            Check::Backup => &[
+                "164.308(a)(7)(ii)(A)",
+                "164.308(a)(7)(ii)(B)",
+                "164.308(a)(7)(ii)(D)",
+            ],
+            Check::Logging => &["164.312(b)", "164.308(a)(1)(ii)(D)"],
+            Check::Firewall => &["164.312(e)(1)", "164.312(a)(1)"],
+            Check::Encryption => &["164.312(a)(2)(iv)", "164.312(e)(2)(ii)"],
+            Check::TimeSync => &["164.312(b)"],
+            Check::EvidenceRetention => &["164.312(c)(1)", "164.316(b)(2)(i)"],
+        }
+    }
+}
+
+impl std::fmt::Display for Check {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Success,
+    Failed,
+    Reverted,
+    Deferred,
+    Alert,
+    Rejected,
+    Expired,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 7] = [
+        Outcome::Success,
+        Outcome::Failed,
+        Outcome::Reverted,
+        Outcome::Deferred,
+        Outcome::Alert,
+        Outcome::Rejected,
+        Outcome::Expired,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Failed => "failed",
+            Outcome::Reverted => "reverted",
+            Outcome::Deferred => "deferred",
+            Outcome::Alert => "alert",
+            Outcome::Rejected => "rejected",
+            Outcome::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One step of a remediation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionTaken {
+    pub step: u32,
+    pub action: String,
+    pub command: Option<String>,
+    pub exit_code: Option<i32>,
+    pub duration_sec: Option<f64>,
+    pub result: Option<String>,
+}
+
+/// bundle.json: the platform spec's EvidenceBundle plus the chain, the system
+/// identity, the agent version and the signing key's fingerprint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bundle {
+    pub version: String,
+    pub bundle_id: String,
+    /// 1, 2, 3 ... per evidence store (per host).
+    pub seq: u64,
+    /// SHA-256 (hex) of the previous bundle.json's bytes; null only for seq 1.
+    pub prev_hash: Option<String>,
+    pub site_id: String,
+    pub host_id: String,
+    pub deployment_mode: DeploymentMode,
+    pub reseller_id: Option<String>,
+    pub timestamp_start: jiff::Timestamp,
+    pub timestamp_end: jiff::Timestamp,
+    pub policy_version: String,
+    pub ruleset_hash: Option<String>,
+    pub nixos_revision: Option<String>,
+    pub derivation_digest: Option<String>,
+    pub ntp_offset_ms: Option<i64>,
+    pub check: Check,
+    pub hipaa_controls: Vec<String>,
+    pub pre_state: Value,
+    pub post_state: Value,
+    pub action_taken: Vec<ActionTaken>,
+    pub rollback_available: bool,
+    pub rollback_generation: Option<u64>,
+    pub outcome: Outcome,
+    pub error: Option<String>,
+    pub order_id: Option<String>,
+    pub runbook_id: Option<String>,
+    pub system: SystemIdentity,
+    pub agent_version: String,
+    pub signing_key_fingerprint: String,
+}
+
+/// What a caller knows about an event; the store adds identity, chain and signature.
+#[derive(Clone, Debug)]
+pub struct Draft {
+    pub check: Check,
+    pub outcome: Outcome,
+    pub timestamp_start: jiff::Timestamp,
+    pub timestamp_end: Option<jiff::Timestamp>,
+    /// Overrides the check's default controls when set.
+    pub hipaa_controls: Option<Vec<String>>,
+    pub pre_state: Value,
+    pub post_state: Value,
+    pub action_taken: Vec<ActionTaken>,
+    pub rollback_available: bool,
+    pub rollback_generation: Option<u64>,
+    pub error: Option<String>,
+    pub order_id: Option<String>,
+    pub runbook_id: Option<String>,
+    pub ruleset_hash: Option<String>,
+    pub derivation_digest: Option<String>,
+    pub ntp_offset_ms: Option<i64>,
+}
+
+impl Draft {
+    pub fn new(check: Check, outcome: Outcome) -> Self {
+        Self {
+            check,
+            outcome,
+            timestamp_start: jiff::Timestamp::now(),
+            timestamp_end: None,
+            hipaa_controls: None,
+            pre_state: Value::Object(Default::default()),
+            post_state: Value::Object(Default::default()),
+            action_taken: Vec::new(),
+            rollback_available: false,
+            rollback_generation: None,
+            error: None,
+            order_id: None,
+            runbook_id: None,
+            ruleset_hash: None,
+            derivation_digest: None,
+            ntp_offset_ms: None,
+        }
+    }
+}
+
+/// A HIPAA control citation such as `164.312(b)` or `164.308(a)(7)(ii)(A)`.
+pub fn valid_control(control: &str) -> bool {
+    let Some(rest) = control.strip_prefix("164.") else {
+        return false;
+    };
+    let digits = rest.chars().take_while(char::is_ascii_digit).count();
+    if digits != 3 {
+        return false;
+    }
+    let mut parts = &rest[digits..];
+    if parts.is_empty() {
+        return true;
+    }
+    while !parts.is_empty() {
+        let Some(inner) = parts.strip_prefix('(') else {
+            return false;
+        };
+        let Some(end) = inner.find(')') else {
+            return false;
+        };
+        let label = &inner[..end];
+        if label.is_empty() || !label.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return false;
+        }
+        parts = &inner[end + 1..];
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_citations() {
+        for good in Check::ALL.iter().flat_map(|c| c.hipaa_controls()) {
+            assert!(valid_control(good), "{good} is a valid citation");
+        }
+        for bad in [
+            "164",
+            "164.31",
+            "164.312(",
+            "164.312()",
+            "165.312(b)",
+            "164.312(b)x",
+            "164.312(b c)",
+        ] {
+            assert!(!valid_control(bad), "{bad} must be rejected");
+        }
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for c in Check::ALL {
+            assert_eq!(Check::parse(c.as_str()), Some(c));
+            assert_eq!(
+                serde_json::to_value(c).expect("json"),
+                Value::String(c.as_str().into())
+            );
+        }
+        for o in Outcome::ALL {
+            assert_eq!(Outcome::parse(o.as_str()), Some(o));
+        }
+    }
+}

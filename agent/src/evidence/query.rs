@@ -1,0 +1,143 @@
+//! Reading the store: find a bundle, list with filters, statistics.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+use serde::Serialize;
+
+use super::layout::{BUNDLE_FILE, SIGNATURE_FILE, all_bundles, bundles_in_day, day_dirs};
+use super::{Bundle, Check, EvidenceError, Outcome, Result, io_err};
+
+fn read_bundle(dir: &Path) -> Result<(Bundle, u64)> {
+    let path = dir.join(BUNDLE_FILE);
+    let bytes = fs::read(&path).map_err(io_err(&path))?;
+    let bundle = serde_json::from_slice(&bytes).map_err(|e| EvidenceError::Corrupt {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    let sig_len = fs::metadata(dir.join(SIGNATURE_FILE)).map_or(0, |m| m.len());
+    Ok((bundle, bytes.len() as u64 + sig_len))
+}
+
+/// The bundle with this id, and its directory.
+pub fn find(root: &Path, bundle_id: &str) -> Result<(Bundle, PathBuf)> {
+    if bundle_id.is_empty() || bundle_id.contains('/') || bundle_id.starts_with('.') {
+        return Err(EvidenceError::Invalid(format!(
+            "{bundle_id:?} is not a bundle id"
+        )));
+    }
+    // Newest first: recent bundles are the ones usually asked for.
+    for (_, day) in day_dirs(root, None, None)?.into_iter().rev() {
+        let dir = day.join(bundle_id);
+        if dir.is_dir() {
+            let (bundle, _) = read_bundle(&dir)?;
+            return Ok((bundle, dir));
+        }
+    }
+    Err(EvidenceError::NotFound(bundle_id.to_owned()))
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub check: Option<Check>,
+    pub outcome: Option<Outcome>,
+    /// Bundles whose timestamp_end is at or after this instant.
+    pub since: Option<Timestamp>,
+    /// Bundles whose timestamp_end is before this instant.
+    pub until: Option<Timestamp>,
+    pub limit: Option<usize>,
+}
+
+/// One line of `evidence list`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub bundle_id: String,
+    pub seq: u64,
+    pub timestamp_end: Timestamp,
+    pub check: Check,
+    pub outcome: Outcome,
+    pub hipaa_controls: Vec<String>,
+    pub error: Option<String>,
+    pub dir: PathBuf,
+}
+
+/// Bundles matching `filter`, newest first.
+pub fn list(root: &Path, filter: &Filter) -> Result<Vec<Summary>> {
+    // A bundle is filed under its own UTC day or, after a clock step back, a later
+    // one; never an earlier one. So `since` bounds the days read, `until` cannot.
+    let from = filter.since.map(|t| t.to_zoned(TimeZone::UTC).date());
+    let mut out = Vec::new();
+    for (date, day) in day_dirs(root, from, None)?.into_iter().rev() {
+        let mut day_items = Vec::new();
+        for dir in bundles_in_day(date, &day)? {
+            let Ok((b, _)) = read_bundle(&dir.path) else {
+                continue;
+            };
+            if filter.check.is_some_and(|c| c != b.check)
+                || filter.outcome.is_some_and(|o| o != b.outcome)
+                || filter.since.is_some_and(|s| b.timestamp_end < s)
+                || filter.until.is_some_and(|u| b.timestamp_end >= u)
+            {
+                continue;
+            }
+            day_items.push(Summary {
+                bundle_id: b.bundle_id,
+                seq: b.seq,
+                timestamp_end: b.timestamp_end,
+                check: b.check,
+                outcome: b.outcome,
+                hipaa_controls: b.hipaa_controls,
+                error: b.error,
+                dir: dir.path,
+            });
+        }
+        day_items.sort_by_key(|s| std::cmp::Reverse(s.seq));
+        out.extend(day_items);
+        if filter.limit.is_some_and(|l| out.len() >= l) {
+            break;
+        }
+    }
+    out.sort_by_key(|s| std::cmp::Reverse(s.seq));
+    if let Some(limit) = filter.limit {
+        out.truncate(limit);
+    }
+    Ok(out)
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Stats {
+    pub bundles: u64,
+    pub bytes: u64,
+    pub unreadable: u64,
+    pub oldest: Option<Timestamp>,
+    pub newest: Option<Timestamp>,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    /// check -> outcome -> count
+    pub by_check: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+pub fn stats(root: &Path) -> Result<Stats> {
+    let mut s = Stats::default();
+    for dir in all_bundles(root)? {
+        let Ok((b, bytes)) = read_bundle(&dir.path) else {
+            s.unreadable += 1;
+            continue;
+        };
+        s.bundles += 1;
+        s.bytes += bytes;
+        s.oldest = Some(s.oldest.map_or(b.timestamp_end, |o| o.min(b.timestamp_end)));
+        s.newest = Some(s.newest.map_or(b.timestamp_end, |n| n.max(b.timestamp_end)));
+        s.first_seq = Some(s.first_seq.map_or(b.seq, |f| f.min(b.seq)));
+        s.last_seq = Some(s.last_seq.map_or(b.seq, |l| l.max(b.seq)));
+        *s.by_check
+            .entry(b.check.as_str().to_owned())
+            .or_default()
+            .entry(b.outcome.as_str().to_owned())
+            .or_default() += 1;
+    }
+    Ok(s)
+}

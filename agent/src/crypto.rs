@@ -103,7 +103,13 @@ impl SigningKey {
     }
 
     pub fn to_pkcs8_pem(&self) -> Result<String> {
-        self.key
+        // PKCS#8 v1 (seed only, RFC 8410): the form `openssl genpkey` writes and every
+        // OpenSSL 3 release reads; v2 with the public key is refused by some.
+        let bytes = ed25519_dalek::pkcs8::KeypairBytes {
+            secret_key: self.key.to_bytes(),
+            public_key: None,
+        };
+        bytes
             .to_pkcs8_pem(LineEnding::LF)
             .map(|z| z.to_string())
             .map_err(|e| CryptoError::Encode(e.to_string()))

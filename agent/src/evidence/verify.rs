@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 use super::layout::{BUNDLE_FILE, BundleDir, HEAD_FILE, HeadRecord, SIGNATURE_FILE, all_bundles};
 use super::store::Checkpoint;
 use super::{Check, Result};
-use crate::crypto::{SIGNATURE_LEN, VerifyingKey, sha256_hex};
+use crate::crypto::{SIGNATURE_LEN, VerifyingKey};
 
 /// The fields of bundle.json that the chain needs; the rest is skipped unparsed.
 #[derive(Debug, Deserialize)]
@@ -62,14 +62,22 @@ impl VerifyReport {
     }
 }
 
-/// What verification keeps of one bundle: a few dozen bytes, so that even a
-/// large store verifies in little memory.
+/// What verification keeps of one bundle: about 100 bytes with no heap
+/// allocation of its own (small allocations interleaved with the file buffers
+/// fragment the heap), so that a large store verifies in little memory.
 struct Link {
-    bundle_id: String,
+    bundle_id: uuid::Uuid,
     seq: u64,
-    hash: String,
-    prev_hash: Option<String>,
-    checkpoint: Option<Checkpoint>,
+    hash: [u8; 32],
+    /// `Some([0; 32])` stands for a prev_hash that is not a SHA-256 at all (reported when read).
+    prev_hash: Option<[u8; 32]>,
+    checkpoint: Option<Box<Checkpoint>>,
+}
+
+fn parse_hash(hex_text: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_text, &mut out).ok()?;
+    Some(out)
 }
 
 struct Loaded {
@@ -314,12 +322,30 @@ fn check_batch(
         } else {
             None
         };
+        let Ok(bundle_id) = uuid::Uuid::parse_str(&l.view.bundle_id) else {
+            problems.push(problem(
+                &l.dir,
+                seq,
+                format!("bundle_id {:?} is not a UUID", l.view.bundle_id),
+            ));
+            continue;
+        };
+        let prev_hash = l.view.prev_hash.as_deref().map(|text| {
+            parse_hash(text).unwrap_or_else(|| {
+                problems.push(problem(
+                    &l.dir,
+                    seq,
+                    format!("prev_hash {text:?} is not a hex SHA-256"),
+                ));
+                [0; 32]
+            })
+        });
         links.push(Link {
-            bundle_id: l.view.bundle_id,
+            bundle_id,
             seq: l.view.seq,
-            hash: sha256_hex(&l.json),
-            prev_hash: l.view.prev_hash,
-            checkpoint,
+            hash: crate::crypto::sha256(&l.json),
+            prev_hash,
+            checkpoint: checkpoint.map(Box::new),
         });
     }
     valid
@@ -327,7 +353,7 @@ fn check_batch(
 
 fn chain_problem(link: &Link, message: String) -> Problem {
     Problem {
-        bundle_id: Some(link.bundle_id.clone()),
+        bundle_id: Some(link.bundle_id.to_string()),
         seq: Some(link.seq),
         path: None,
         message,
@@ -373,15 +399,16 @@ fn check_chain(
             match checkpoint {
                 Some((_, c)) if c.pruned_through_seq + 1 >= first_link.seq => {
                     // The pruned boundary must match what survives.
+                    let recorded = parse_hash(&c.pruned_through_hash);
                     if let Some(&i) = by_seq.get(&c.pruned_through_seq) {
-                        if links[i].hash != c.pruned_through_hash {
+                        if Some(links[i].hash) != recorded {
                             problems.push(chain_problem(
                                 &links[i],
-                                format!("a retention checkpoint names hash {} for this seq but the bundle hashes to {}", c.pruned_through_hash, links[i].hash),
+                                format!("a retention checkpoint names hash {} for this seq but the bundle hashes to {}", c.pruned_through_hash, hex::encode(links[i].hash)),
                             ));
                         }
                     } else if let Some(&i) = by_seq.get(&(c.pruned_through_seq + 1))
-                        && links[i].prev_hash.as_deref() != Some(c.pruned_through_hash.as_str()) {
+                        && (links[i].prev_hash != recorded || recorded.is_none()) {
                             problems.push(chain_problem(
                                 &links[i],
                                 "prev_hash does not match the hash the retention checkpoint records for the pruned bundle before it".into(),
@@ -425,7 +452,7 @@ fn check_chain(
                     prev.bundle_id
                 ),
             ));
-        } else if cur.prev_hash.as_deref() != Some(prev.hash.as_str()) {
+        } else if cur.prev_hash != Some(prev.hash) {
             problems.push(chain_problem(
                 cur,
                 format!("prev_hash does not match bundle {} (seq {}): the chain is broken (edited, replaced or reordered)", prev.bundle_id, prev.seq),

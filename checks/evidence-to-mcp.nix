@@ -1,0 +1,70 @@
+# VM test: evidence reaches the MCP over mTLS, and survives the MCP being
+# down: bundles made meanwhile wait in the queue and arrive once it is back.
+# Negative: the MCP refuses clients without a certificate from its CA.
+{ fixtures, ... }:
+{
+  name = "evidence-to-mcp";
+
+  nodes = {
+    machine.imports = [ ./lib/agent-node.nix ];
+    mcp.imports = [ ./lib/mcp-node.nix ];
+  };
+
+  testScript = ''
+    import json
+
+    def received():
+        out = mcp.succeed("mcp-server evidence list --data-dir $MCP_DATA_DIR --json")
+        return {b["bundle_id"] for b in json.loads(out)}
+
+    def local_bundles():
+        out = machine.succeed("compliance-agent-admin evidence list --json")
+        return {b["bundle_id"] for b in json.loads(out)}
+
+    start_all()
+    mcp.wait_for_unit("mcp-server.service")
+    mcp.wait_for_open_port(8443)
+    machine.wait_for_unit("compliance-agent.service")
+
+    with subtest("negative: the MCP refuses clients without a certificate from its CA"):
+        machine.fail("curl --silent --fail --cacert ${fixtures.pki}/ca.pem https://mcp:8443/api/v1/health")
+        machine.fail(
+            "curl --silent --fail --cacert ${fixtures.pki}/ca.pem"
+            " --cert ${fixtures.pki}/rogue.pem --key ${fixtures.pki}/rogue.key https://mcp:8443/api/v1/health"
+        )
+        machine.succeed(
+            "curl --silent --fail --cacert ${fixtures.pki}/ca.pem"
+            " --cert ${fixtures.pki}/client.pem --key /var/lib/compliance-agent-keys/client.key https://mcp:8443/api/v1/health"
+        )
+
+    with subtest("evidence reaches the MCP"):
+        machine.succeed("systemctl stop clinic-app.service")
+        machine.wait_until_succeeds("systemctl is-active clinic-app.service", timeout=180)
+        machine.wait_until_succeeds(
+            "compliance-agent-admin queue status --json | jq -e '.pending == 0'", timeout=180
+        )
+        missing = local_bundles() - received()
+        assert not missing, f"expected every local bundle at the MCP, missing {missing}"
+
+    with subtest("evidence made while the MCP is down is queued, then delivered"):
+        mcp.systemctl("stop mcp-server.service")
+        machine.succeed("systemctl stop clinic-app.service")
+        machine.wait_until_succeeds("systemctl is-active clinic-app.service", timeout=180)
+        machine.wait_until_succeeds(
+            "compliance-agent-admin queue status --json | jq -e '.pending > 0'", timeout=120
+        )
+        mcp.systemctl("start mcp-server.service")
+        mcp.wait_for_open_port(8443)
+        machine.wait_until_succeeds(
+            "compliance-agent-admin queue status --json | jq -e '.pending == 0'", timeout=300
+        )
+        missing = local_bundles() - received()
+        assert not missing, f"expected the queued bundles at the MCP after its return, missing {missing}"
+
+    with subtest("every bundle the MCP holds verifies against the box's key"):
+        mcp.succeed("mkdir -p /tmp/keys")
+        key = machine.succeed("cat /var/lib/compliance-agent-keys/signing.pub.pem")
+        mcp.succeed(f"cat > /tmp/keys/signing.pub.pem <<'EOF'\n{key}EOF")
+        mcp.succeed("mcp-server evidence verify --data-dir $MCP_DATA_DIR --pubkey /tmp/keys/signing.pub.pem")
+  '';
+}

@@ -18,18 +18,6 @@ use crate::evidence::{self, Check, Draft, EvidenceStore, Filter, HostIdentity, O
 use crate::nixos::RunningSystem;
 use crate::{Error, Result};
 
-/// `println!` that ends the process quietly when stdout is closed (`| head`)
-/// instead of panicking.
-macro_rules! out {
-    ($($arg:tt)*) => {{
-        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                std::process::exit(0);
-            }
-        }
-    }};
-}
-
 /// HIPAA compliance agent for NixOS appliances: detects drift, heals it and
 /// writes Ed25519-signed, hash-chained evidence.
 #[derive(Debug, Parser)]
@@ -62,6 +50,23 @@ pub enum Command {
     /// Add, list, show, verify and prune evidence bundles.
     #[command(subcommand)]
     Evidence(EvidenceCommand),
+    /// Check this box against its baseline: prints each check's status and the
+    /// compliance score and writes one signed bundle per applicable check.
+    /// Exit 0 all compliant, 1 drift, 2 a check could not run.
+    Scan {
+        /// Baseline file instead of baseline_path (or the embedded local default).
+        #[arg(long, value_name = "FILE")]
+        baseline: Option<PathBuf>,
+        /// Only report; write no evidence.
+        #[arg(long)]
+        no_evidence: bool,
+        /// Read the box's files (/proc, /sys, /dev, /run, /nix, /etc) under DIR
+        /// instead of /: for checking a captured tree.
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -156,6 +161,21 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Keygen { out, json } => keygen(&out, json),
         Command::Config(ConfigCommand::Check { json }) => config_check(cli.config.as_deref(), json),
+        Command::Scan {
+            baseline,
+            no_evidence,
+            root,
+            json,
+        } => {
+            let config = Config::load(cli.config.as_deref())?;
+            let options = crate::scan::ScanOptions {
+                baseline: baseline.as_deref(),
+                root: &root,
+                write_evidence: !no_evidence,
+                json,
+            };
+            crate::scan::run_scan(&config, &options)
+        }
         Command::Evidence(cmd) => {
             let config = Config::load(cli.config.as_deref())?;
             evidence_command(&config, cmd)

@@ -396,30 +396,6 @@ fn valid_id(id: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
-fn valid_unit_name(name: &str) -> bool {
-    const SUFFIXES: &[&str] = &[
-        ".service",
-        ".socket",
-        ".timer",
-        ".target",
-        ".mount",
-        ".path",
-        ".slice",
-        ".scope",
-        ".swap",
-        ".device",
-        ".automount",
-    ];
-    let ok_chars = name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || ":-_.\\@".contains(c));
-    ok_chars
-        && name.len() <= 255
-        && SUFFIXES
-            .iter()
-            .any(|s| name.len() > s.len() && name.ends_with(s))
-}
-
 struct Issues(Vec<ConfigIssue>);
 
 impl Issues {
@@ -696,7 +672,7 @@ fn resolve(raw: RawConfig, source: ConfigSource, env: &dyn Env) -> Result<Config
     }
     let service_health_checks = raw.service_health_checks.unwrap_or_default();
     for unit in &service_health_checks {
-        if !valid_unit_name(unit) {
+        if !crate::systemd::valid_unit_name(unit) {
             issues.add(
                 "service_health_checks",
                 format!("{unit:?} is not a systemd unit name (for example \"nginx.service\")"),

@@ -1,12 +1,30 @@
 //! The compliance agent of the HIPAA appliance: configuration, signing, evidence, and the checks and fixes built on them.
 
+/// `println!` that ends the process quietly when stdout is closed (`| head`)
+/// instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
+pub mod baseline;
 pub mod cli;
 pub mod config;
 pub mod crypto;
+pub mod drift;
 pub mod error;
 pub mod evidence;
+pub mod luks;
 pub mod nar;
 pub mod nixos;
+pub mod scan;
 pub mod schedule;
+pub mod systemd;
 
 pub use error::{Error, Result};

@@ -59,12 +59,15 @@ pub enum Check {
     Firewall,
     Encryption,
     TimeSync,
+    /// Units the baseline declares active or inactive beyond the seven checks
+    /// (sshd, the node exporter, the clinic's own services_health_checks).
+    Services,
     /// A prune checkpoint: which bundles left the local store.
     EvidenceRetention,
 }
 
 impl Check {
-    pub const ALL: [Check; 8] = [
+    pub const ALL: [Check; 9] = [
         Check::Patching,
         Check::AvHealth,
         Check::Backup,
@@ -72,6 +75,7 @@ impl Check {
         Check::Firewall,
         Check::Encryption,
         Check::TimeSync,
+        Check::Services,
         Check::EvidenceRetention,
     ];
 
@@ -84,6 +88,7 @@ impl Check {
             Check::Firewall => "firewall",
             Check::Encryption => "encryption",
             Check::TimeSync => "time_sync",
+            Check::Services => "services",
             Check::EvidenceRetention => "evidence_retention",
         }
     }
@@ -106,6 +111,8 @@ impl Check {
             Check::Firewall => &["164.312(e)(1)", "164.312(a)(1)"],
             Check::Encryption => &["164.312(a)(2)(iv)", "164.312(e)(2)(ii)"],
             Check::TimeSync => &["164.312(b)"],
+            // Contingency plan: the services the site depends on keep running.
+            Check::Services => &["164.308(a)(7)(ii)(C)", "164.312(a)(1)"],
             Check::EvidenceRetention => &["164.312(c)(1)", "164.316(b)(2)(i)"],
         }
     }

@@ -1,0 +1,225 @@
+//! `scan`: every check against the baseline, the score, and one signed bundle per applicable check.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::baseline::Baseline;
+use crate::config::{Config, ConfigSource};
+use crate::drift::{self, CheckResult, Context, Status};
+use crate::evidence::{Check, Draft, Outcome, StoredBundle};
+use crate::systemd::Systemd;
+use crate::{Error, Result};
+
+/// The baseline a scan uses: `--baseline`, else `baseline_path`, else the local default.
+pub fn load_baseline(
+    config: &Config,
+    explicit: Option<&Path>,
+    root: &Path,
+) -> Result<(Baseline, Option<PathBuf>)> {
+    let path = explicit
+        .map(Path::to_owned)
+        .or_else(|| config.baseline_path.clone());
+    match path {
+        Some(p) => {
+            let b = Baseline::load(&p).map_err(|e| Error::Usage(e.to_string()))?;
+            Ok((b, Some(p)))
+        }
+        None => Ok((Baseline::local_default(root, config.ntp_max_skew_ms), None)),
+    }
+}
+
+/// Why a check is left out of the local default on this machine.
+fn local_default_reason(check: Check) -> &'static str {
+    match check {
+        Check::Patching => "not NixOS here (no /nix/var/nix/profiles/system)",
+        Check::AvHealth => "no ClamAV daemon here (no /run/clamav/clamd.ctl)",
+        Check::Backup => "no backup repository is declared without a baseline",
+        Check::Logging => "systemd is not running here (no /run/systemd/system)",
+        Check::Firewall => "nftables is not installed here",
+        Check::TimeSync => "chrony is not installed here",
+        Check::Services => "no units are declared without a baseline",
+        _ => "not in the local default baseline",
+    }
+}
+
+/// Runs every check of `baseline`.
+pub async fn run_checks(baseline: &Baseline, root: &Path) -> Vec<CheckResult> {
+    let (systemd, systemd_error) = match Systemd::system().await {
+        Ok(s) => (Some(s), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let ctx = Context {
+        baseline,
+        systemd: systemd.as_ref(),
+        systemd_error,
+        root: root.to_owned(),
+        now: jiff::Timestamp::now(),
+        credentials_dir: std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+    };
+    drift::run_all(&ctx).await
+}
+
+/// The evidence draft of one check result.
+pub fn draft_for(result: &CheckResult) -> Draft {
+    let outcome = match result.status {
+        Status::Compliant => Outcome::Success,
+        _ => Outcome::Alert,
+    };
+    let mut draft = Draft::new(result.check, outcome);
+    draft.timestamp_start = result.started;
+    draft.hipaa_controls = Some(result.hipaa_controls.clone());
+    draft.pre_state = json!({
+        "status": result.status,
+        "severity": result.severity,
+        "reason": result.reason,
+        "facts": result.facts,
+        "recommended": result.recommended,
+    });
+    if result.status != Status::Compliant {
+        draft.error = Some(result.reason.clone());
+    }
+    if result.check == Check::Firewall {
+        draft.ruleset_hash = result
+            .facts
+            .get("ruleset_hash")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+    }
+    if result.check == Check::TimeSync {
+        draft.ntp_offset_ms = result
+            .facts
+            .get("tracking")
+            .and_then(|t| t.get("system_offset_sec"))
+            .and_then(Value::as_f64)
+            .map(|s| (s * 1000.0).round() as i64);
+    }
+    draft
+}
+
+#[derive(Serialize)]
+struct ScanReport<'a> {
+    score: f64,
+    baseline: Option<&'a Path>,
+    policy_version: &'a str,
+    results: &'a [CheckResult],
+    bundles: &'a [StoredBundle],
+}
+
+/// Exit status of a scan: 2 when a check could not run, 1 on drift, else 0.
+pub fn exit_code(results: &[CheckResult]) -> u8 {
+    if results.iter().any(|r| r.status == Status::Error) {
+        2
+    } else if results.iter().any(|r| r.status == Status::Drifted) {
+        1
+    } else {
+        0
+    }
+}
+
+/// What `scan` was asked to do.
+pub struct ScanOptions<'a> {
+    pub baseline: Option<&'a Path>,
+    pub root: &'a Path,
+    pub write_evidence: bool,
+    pub json: bool,
+}
+
+pub fn run_scan(config: &Config, options: &ScanOptions<'_>) -> Result<ExitCode> {
+    let (write_evidence, json) = (options.write_evidence, options.json);
+    let (baseline, baseline_path) = load_baseline(config, options.baseline, options.root)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Io {
+            context: "cannot start the async runtime".into(),
+            source,
+        })?;
+    let mut results = runtime.block_on(run_checks(&baseline, options.root));
+    if baseline_path.is_none() {
+        for r in results
+            .iter_mut()
+            .filter(|r| r.status == Status::NotApplicable)
+        {
+            r.reason = local_default_reason(r.check).into();
+        }
+    }
+    let score = drift::score(&results);
+
+    let bundles = if write_evidence {
+        let store = crate::cli::open_evidence_store(config)?;
+        let drafts: Vec<Draft> = results
+            .iter()
+            .filter(|r| r.status != Status::NotApplicable)
+            .map(draft_for)
+            .collect();
+        store.store_many(drafts)?
+    } else {
+        Vec::new()
+    };
+
+    if json {
+        let report = ScanReport {
+            score,
+            baseline: baseline_path.as_deref(),
+            policy_version: &baseline.policy_version,
+            results: &results,
+            bundles: &bundles,
+        };
+        let text =
+            serde_json::to_string_pretty(&report).map_err(crate::evidence::EvidenceError::from)?;
+        out!("{text}");
+    } else {
+        out!(
+            "{:<12} {:<15} {:<9} {:<62} REASON",
+            "CHECK",
+            "STATUS",
+            "SEVERITY",
+            "HIPAA CONTROLS"
+        );
+        for r in &results {
+            let severity = if matches!(r.status, Status::Compliant | Status::NotApplicable) {
+                "-"
+            } else {
+                r.severity.as_str()
+            };
+            out!(
+                "{:<12} {:<15} {:<9} {:<62} {}",
+                r.check.as_str(),
+                r.status.as_str(),
+                severity,
+                r.hipaa_controls.join(", "),
+                r.reason
+            );
+        }
+        let applicable = results
+            .iter()
+            .filter(|r| r.status != Status::NotApplicable)
+            .count();
+        let compliant = results
+            .iter()
+            .filter(|r| r.status == Status::Compliant)
+            .count();
+        let source = match (&baseline_path, &config.source) {
+            (Some(p), _) => format!("baseline {}", p.display()),
+            (None, ConfigSource::Embedded) => "the embedded local default baseline".into(),
+            (None, ConfigSource::File(_)) => {
+                "the embedded local default baseline (no baseline_path configured)".into()
+            }
+        };
+        out!("");
+        out!(
+            "compliance score: {score:.0}% ({compliant} of {applicable} applicable checks compliant) against {source}"
+        );
+        if write_evidence {
+            out!(
+                "{} signed bundle(s) written to {} (verify: compliance-agent evidence verify)",
+                bundles.len(),
+                config.evidence_dir.display()
+            );
+        }
+    }
+    Ok(ExitCode::from(exit_code(&results)))
+}

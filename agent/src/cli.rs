@@ -53,6 +53,22 @@ pub enum Command {
     /// Check this box against its baseline: prints each check's status and the
     /// compliance score and writes one signed bundle per applicable check.
     /// Exit 0 all compliant, 1 drift, 2 a check could not run.
+    /// Heal drift: for each drifted check pick its runbook, apply the guardrails
+    /// (maintenance window, cooldown, circuit breaker, allowlist), run it,
+    /// verify, and write one signed bundle per attempt.
+    Heal {
+        /// Only this check.
+        #[arg(long)]
+        check: Option<String>,
+        /// Print the plan; change nothing, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Baseline file instead of baseline_path.
+        #[arg(long, value_name = "FILE")]
+        baseline: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     Scan {
         /// Baseline file instead of baseline_path (or the embedded local default).
         #[arg(long, value_name = "FILE")]
@@ -161,6 +177,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Keygen { out, json } => keygen(&out, json),
         Command::Config(ConfigCommand::Check { json }) => config_check(cli.config.as_deref(), json),
+        Command::Heal {
+            check,
+            dry_run,
+            baseline,
+            json,
+        } => {
+            let config = Config::load(cli.config.as_deref())?;
+            let only = check.as_deref().map(parse_check).transpose()?;
+            crate::scan::run_heal(&config, baseline.as_deref(), only, dry_run, json)
+        }
         Command::Scan {
             baseline,
             no_evidence,

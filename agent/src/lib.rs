@@ -20,6 +20,7 @@ pub mod crypto;
 pub mod drift;
 pub mod error;
 pub mod evidence;
+pub mod heal;
 pub mod luks;
 pub mod nar;
 pub mod nixos;

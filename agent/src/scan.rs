@@ -223,3 +223,156 @@ pub fn run_scan(config: &Config, options: &ScanOptions<'_>) -> Result<ExitCode> 
     }
     Ok(ExitCode::from(exit_code(&results)))
 }
+
+#[derive(Serialize)]
+struct HealLine {
+    check: Check,
+    runbook: Option<String>,
+    params: Value,
+    decision: crate::heal::Decision,
+    outcome: Option<Outcome>,
+    error: Option<String>,
+    bundle_id: Option<String>,
+}
+
+/// `heal`: checks, plan, guardrails, fixes, evidence.
+pub fn run_heal(
+    config: &Config,
+    baseline_arg: Option<&Path>,
+    only: Option<Check>,
+    dry_run: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    use crate::heal::{self, Decision, Engine, HealState};
+    let (baseline, _) = load_baseline(config, baseline_arg, Path::new("/"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Io {
+            context: "cannot start the async runtime".into(),
+            source,
+        })?;
+    runtime.block_on(async {
+        let systemd = Systemd::system()
+            .await
+            .map_err(|e| Error::Usage(format!("healing needs systemd: {e}")))?;
+        let state = HealState::load(&config.state_dir).map_err(|e| Error::Usage(e.to_string()))?;
+        let mut engine = Engine {
+            config,
+            baseline: &baseline,
+            systemd: &systemd,
+            root: PathBuf::from("/"),
+            state,
+        };
+        let store = if dry_run {
+            None
+        } else {
+            Some(crate::cli::open_evidence_store(config)?)
+        };
+        if !dry_run
+            && let Some(draft) = engine.resolve_in_flight().await
+            && let Some(store) = &store
+        {
+            store.store(draft)?;
+        }
+        let mut results = Vec::new();
+        for check in drift::CHECKS {
+            if only.is_none_or(|c| c == check) {
+                results.push(engine.check(check).await);
+            }
+        }
+        engine.note_compliant(&results);
+        let items = heal::plan(
+            &results,
+            config,
+            &baseline,
+            &engine.state,
+            jiff::Timestamp::now(),
+        );
+        let mut lines = Vec::new();
+        let mut all_fixed = true;
+        for item in &items {
+            let mut line = HealLine {
+                check: item.check,
+                runbook: item.runbook.as_ref().map(|r| r.id().to_owned()),
+                params: item
+                    .runbook
+                    .as_ref()
+                    .map(|r| r.params())
+                    .unwrap_or(Value::Null),
+                decision: item.decision.clone(),
+                outcome: None,
+                error: None,
+                bundle_id: None,
+            };
+            if !dry_run {
+                let before = results.iter().find(|r| r.check == item.check);
+                if let (Some(before), Some(store)) = (before, &store)
+                    && let Some(draft) = engine.carry_out(item, before).await
+                {
+                    line.outcome = Some(draft.outcome);
+                    line.error = draft.error.clone();
+                    // Each bundle is stored as soon as it exists: a kill loses no finished fix.
+                    let stored = store.store(draft)?;
+                    line.bundle_id = Some(stored.bundle_id);
+                    engine
+                        .state
+                        .save(&config.state_dir)
+                        .map_err(|e| Error::Usage(e.to_string()))?;
+                }
+            }
+            if !matches!(line.outcome, Some(Outcome::Success))
+                && !matches!(item.decision, Decision::Cooldown { .. })
+            {
+                all_fixed = false;
+            }
+            lines.push(line);
+        }
+        if !dry_run {
+            engine
+                .state
+                .save(&config.state_dir)
+                .map_err(|e| Error::Usage(e.to_string()))?;
+        }
+        if json {
+            let text = serde_json::to_string_pretty(&json!({ "dry_run": dry_run, "plan": lines }))
+                .map_err(crate::evidence::EvidenceError::from)?;
+            out!("{text}");
+        } else if lines.is_empty() {
+            out!("nothing to heal: no applicable check has drifted");
+        } else {
+            out!(
+                "{:<12} {:<22} {:<14} {:<9} DETAIL",
+                "CHECK",
+                "RUNBOOK",
+                "DECISION",
+                "OUTCOME"
+            );
+            for l in &lines {
+                let decision = serde_json::to_value(&l.decision)
+                    .ok()
+                    .and_then(|v| v.get("decision").and_then(Value::as_str).map(str::to_owned))
+                    .unwrap_or_default();
+                let detail = match (&l.error, &l.decision) {
+                    (Some(e), _) => e.clone(),
+                    (None, Decision::Defer { window_opens }) => {
+                        format!("waits for the window at {window_opens}")
+                    }
+                    (None, Decision::Cooldown { until }) => format!("cooling down until {until}"),
+                    (None, Decision::NoRunbook { reason }) => reason.clone(),
+                    (None, _) => l.params.to_string(),
+                };
+                out!(
+                    "{:<12} {:<22} {:<14} {:<9} {}",
+                    l.check.as_str(),
+                    l.runbook.as_deref().unwrap_or("-"),
+                    decision,
+                    l.outcome
+                        .map_or(if dry_run { "(dry run)" } else { "-" }, |o| o.as_str()),
+                    detail
+                );
+            }
+        }
+        Ok(ExitCode::from(if all_fixed { 0 } else { 1 }))
+    })
+}

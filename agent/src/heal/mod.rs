@@ -584,7 +584,7 @@ mod tests {
             json!({"unit": "sshd.service"}),
         );
         assert_eq!(
-            plan(&[ssh.clone()], &cfg, &b, &state, noon)[0].decision,
+            plan(std::slice::from_ref(&ssh), &cfg, &b, &state, noon)[0].decision,
             Decision::Run,
             "non-disruptive runs at once"
         );
@@ -594,7 +594,7 @@ mod tests {
             "restart_unit",
             json!({"unit": "clinic-app.service"}),
         );
-        let p = plan(&[app.clone()], &cfg, &b, &state, noon);
+        let p = plan(std::slice::from_ref(&app), &cfg, &b, &state, noon);
         assert_eq!(
             p[0].decision,
             Decision::Defer {
@@ -603,7 +603,7 @@ mod tests {
             "disruptive waits"
         );
         assert_eq!(
-            plan(&[app.clone()], &cfg, &b, &state, night)[0].decision,
+            plan(std::slice::from_ref(&app), &cfg, &b, &state, night)[0].decision,
             Decision::Run,
             "and runs when the window opens"
         );
@@ -627,12 +627,12 @@ mod tests {
             ts("2026-11-29T11:59:50Z"),
         );
         assert!(matches!(
-            plan(&[ssh.clone()], &cfg, &b, &cooling, noon)[0].decision,
+            plan(std::slice::from_ref(&ssh), &cfg, &b, &cooling, noon)[0].decision,
             Decision::Cooldown { .. }
         ));
         assert_eq!(
             plan(
-                &[ssh.clone()],
+                std::slice::from_ref(&ssh),
                 &cfg,
                 &b,
                 &cooling,

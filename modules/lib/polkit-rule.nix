@@ -21,7 +21,8 @@
   # Root oneshot units the agent may start and nothing else.
   startUnits ? [ ],
   # Template prefixes ("name@") whose instances the agent may start when the
-  # instance is a number (a system generation), e.g. "compliance-agent-switch@".
+  # instance is a number (a system generation) or a store path's name
+  # (<32 nixbase32 characters>-<name>), e.g. "compliance-agent-switch@".
   startTemplates ? [ ],
 }:
 let
@@ -76,7 +77,7 @@ else
       }
       for (var i = 0; i < startTemplates.length; i++) {
         var prefix = startTemplates[i];
-        if (unit.indexOf(prefix) === 0 && /^[0-9]{1,9}\.service$/.test(unit.substring(prefix.length))) {
+        if (unit.indexOf(prefix) === 0 && /^([0-9]{1,9}|[0-9a-df-np-sv-z]{32}-[A-Za-z0-9._-]{1,180})\.service$/.test(unit.substring(prefix.length))) {
           return polkit.Result.YES;
         }
       }

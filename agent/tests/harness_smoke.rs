@@ -37,6 +37,19 @@ fn systemd_is_pid1_with_a_system_bus_and_units_can_be_stopped_and_started() {
         app.exec_ok(&["systemctl", "is-system-running"]).trim(),
         "running"
     );
+    assert_eq!(app.exec_ok(&["hostname"]).trim(), app.name());
+
+    // Commands entered from the host get the container's capability bounding set,
+    // not the host's: no CAP_SYS_TIME (bit 25), so nothing inside can set the clock.
+    let caps = app.exec_ok(&["grep", "^CapBnd:", "/proc/self/status", "/proc/1/status"]);
+    let sets: Vec<&str> = caps
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .collect();
+    assert_eq!(sets.len(), 2, "{caps}");
+    assert_eq!(sets[0], sets[1], "exec's bounding set differs from PID 1's");
+    let bounding = u64::from_str_radix(sets[0], 16).expect("hex CapBnd");
+    assert_eq!((bounding >> 25) & 1, 0, "CAP_SYS_TIME inside: {caps}");
 
     // The system bus: systemd's own name is on it, and a method call goes through.
     let names = app.exec_ok(&["busctl", "--system", "list", "--no-legend"]);
@@ -331,11 +344,18 @@ fn audit_tools_are_installed_but_the_kernel_audit_interface_is_not_available() {
 fn shutdown_is_clean_and_leaves_nothing_behind() {
     let app = boot("shutdown");
     let pid1 = format!("/proc/{}", app.pid1());
+    let nspawn = format!("/proc/{}", app.nspawn_pid());
     let name = app.name().to_string();
     let took = app.shutdown().expect("clean shutdown");
     eprintln!("{name}: shut down in {:.2} s", took.as_secs_f64());
     assert!(took < Duration::from_secs(30));
-    assert!(!std::path::Path::new(&pid1).exists(), "PID 1 still there");
+    // Gone, or a zombie that the host's init has not reaped yet.
+    let alive = |proc_dir: &str| {
+        std::fs::read_to_string(format!("{proc_dir}/stat"))
+            .is_ok_and(|s| s.rsplit(") ").next().is_some_and(|r| !r.starts_with('Z')))
+    };
+    assert!(!alive(&pid1), "PID 1 still there");
+    assert!(!alive(&nspawn), "systemd-nspawn still there");
     assert!(!std::path::Path::new(&format!("/run/appliance-harness/{name}")).exists());
     if let Some(built) = harness::rootfs_build_time() {
         eprintln!(

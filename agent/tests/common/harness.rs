@@ -227,6 +227,7 @@ pub struct Appliance {
     name: String,
     pid1: u32,
     nspawn_pid: u32,
+    caps: String,
     state: String,
     state_dir: PathBuf,
     console_log: PathBuf,
@@ -331,6 +332,7 @@ impl Appliance {
             name: name.clone(),
             pid1: parse("pid1")?,
             nspawn_pid: parse("nspawn_pid")?,
+            caps: get("caps")?,
             state: get("state")?,
             state_dir: PathBuf::from(get("state_dir")?),
             console_log: PathBuf::from(get("console_log")?),
@@ -360,6 +362,11 @@ impl Appliance {
     /// The container's PID 1 (systemd) as the host sees it.
     pub fn pid1(&self) -> u32 {
         self.pid1
+    }
+
+    /// The systemd-nspawn process that runs the container.
+    pub fn nspawn_pid(&self) -> u32 {
+        self.nspawn_pid
     }
 
     /// The state systemd reported after boot: `running` or `degraded`.
@@ -401,6 +408,11 @@ impl Appliance {
             .args([
                 "--mount", "--uts", "--ipc", "--net", "--pid", "--root", "--wd", "--",
             ])
+            // PID 1's capability bounding set: without it the command would keep the
+            // host's (CAP_SYS_TIME: `date -s` inside would set the host's clock).
+            .arg("/usr/bin/setpriv")
+            .arg(format!("--bounding-set={}", self.caps))
+            .arg("--")
             .args(["/usr/bin/env", "-i"])
             .arg("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
             .args([

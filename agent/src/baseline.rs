@@ -97,6 +97,10 @@ pub struct Backup {
     /// Where the restore-test unit records its last success (its mtime is the time).
     #[serde(default)]
     pub restore_test_marker: Option<PathBuf>,
+    /// Read snapshots through `restic snapshots` (authenticated, with the
+    /// password) even for a local repository, instead of its layout.
+    #[serde(default)]
+    pub verify_with_restic: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -604,7 +604,7 @@ fn backup_snapshots_read_from_a_restic_repository() -> TestResult {
     fs::create_dir_all(&data)?;
     fs::write(data.join("canary.txt"), "restore me")?;
     restic(&repo, &password, &["init"]);
-    let spec = |password_file: &Path, max_hours: u64| {
+    let spec = |password_file: &Path, max_hours: u64, with_restic: bool| {
         let mut b = empty_baseline();
         b.checks.backup = Some(baseline::Backup {
             tool: "restic".into(),
@@ -615,35 +615,43 @@ fn backup_snapshots_read_from_a_restic_repository() -> TestResult {
             restore_test_unit: None,
             max_restore_test_age_days: None,
             restore_test_marker: None,
+            verify_with_restic: with_restic,
         });
         b
     };
-    let r = check(&spec(&password, 26), Path::new("/"), Check::Backup);
-    assert_status(&r, Status::Drifted, "no snapshot");
+    for with_restic in [false, true] {
+        let r = check(&spec(&password, 26, with_restic), Path::new("/"), Check::Backup);
+        assert_status(&r, Status::Drifted, "no snapshot");
+    }
 
-    restic(
-        &repo,
-        &password,
-        &[
-            "backup",
-            "--time",
-            "2020-01-01 00:00:00",
-            data.to_str().expect("utf8"),
-        ],
-    );
-    let r = check(&spec(&password, 26), Path::new("/"), Check::Backup);
+    // Read through restic, the snapshot's own time counts.
+    restic(&repo, &password, &["backup", "--time", "2020-01-01 00:00:00", data.to_str().expect("utf8")]);
+    let r = check(&spec(&password, 26, true), Path::new("/"), Check::Backup);
     assert_status(&r, Status::Drifted, "the newest snapshot is");
     assert_eq!(r.recommended[0].runbook, "run_backup");
+    assert_eq!(r.facts["snapshot_source"], "restic snapshots");
+
+    // Read from the layout, the time the snapshot was written counts.
+    let snapshot_file = fs::read_dir(repo.join("snapshots"))?.next().ok_or("one snapshot file")??.path();
+    run("touch", &["-d", "40 hours ago", snapshot_file.to_str().expect("utf8")]);
+    let r = check(&spec(&password, 26, false), Path::new("/"), Check::Backup);
+    assert_status(&r, Status::Drifted, "40 h old");
+    assert_eq!(r.facts["snapshot_source"], "repository layout (local)");
 
     restic(&repo, &password, &["backup", data.to_str().expect("utf8")]);
-    let r = check(&spec(&password, 26), Path::new("/"), Check::Backup);
-    assert_status(&r, Status::Compliant, "as declared");
-    assert_eq!(r.facts["snapshot_age_hours"], 0);
+    for with_restic in [false, true] {
+        let r = check(&spec(&password, 26, with_restic), Path::new("/"), Check::Backup);
+        assert_status(&r, Status::Compliant, "as declared");
+        assert_eq!(r.facts["snapshot_age_hours"], 0);
+    }
 
     let wrong = tmp.path().join("wrong");
     fs::write(&wrong, "not the password")?;
-    let r = check(&spec(&wrong, 26), Path::new("/"), Check::Backup);
+    let r = check(&spec(&wrong, 26, true), Path::new("/"), Check::Backup);
     assert_status(&r, Status::Error, "restic snapshots failed");
+    fs::remove_file(repo.join("config"))?;
+    let r = check(&spec(&password, 26, false), Path::new("/"), Check::Backup);
+    assert_status(&r, Status::Error, "not a restic repository");
     Ok(())
 }
 

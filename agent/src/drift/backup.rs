@@ -28,6 +28,46 @@ pub fn parse_snapshots(json: &[u8]) -> Result<Vec<Snapshot>, String> {
         .map_err(|e| format!("restic printed something that is not a snapshot list: {e}"))
 }
 
+/// A local repository path (restic's `local:` backend or a plain path), read directly.
+fn local_repository(repository: &str) -> Option<&str> {
+    if let Some(path) = repository.strip_prefix("local:") {
+        return Some(path);
+    }
+    (!repository.contains(':') && repository.starts_with('/')).then_some(repository)
+}
+
+/// The newest snapshot of a local repository, read from the repository's
+/// layout itself: each snapshot is one file under `snapshots/`, written when
+/// the backup finished. Needs no password, so no key derivation (restic's
+/// scrypt takes about half a second and 50 MB per call).
+pub fn local_snapshots(repo: &std::path::Path) -> Result<Vec<Snapshot>, String> {
+    if !repo.join("config").is_file() {
+        return Err(format!("{} is not a restic repository (no config file)", repo.display()));
+    }
+    let dir = repo.join("snapshots");
+    let entries = fs::read_dir(&dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.len() != 64 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
+        let written = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .map_err(|e| format!("cannot stat snapshot {name}: {e}"))?;
+        let time = jiff::Timestamp::try_from(written).map_err(|e| format!("snapshot {name}: {e}"))?;
+        out.push(Snapshot {
+            time,
+            short_id: name[..8].to_owned(),
+            hostname: String::new(),
+            paths: Vec::new(),
+        });
+    }
+    Ok(out)
+}
+
 async fn restic_snapshots(
     repository: &str,
     password_file: &std::path::Path,
@@ -101,9 +141,22 @@ pub async fn check(ctx: &Context<'_>, spec: &Backup, mut a: Assessment) -> Asses
         Some((unit, Err(e))) => a.error(format!("{unit}: {e}")),
     }
 
-    match ctx.credential_path(&spec.password_file) {
-        Err(e) => a.error(e),
-        Ok(password_file) => match restic_snapshots(&spec.repository, &password_file).await {
+    let local = local_repository(&spec.repository).filter(|_| !spec.verify_with_restic);
+    let snapshots = match local {
+        Some(path) => {
+            a.fact("snapshot_source", "repository layout (local)");
+            local_snapshots(&ctx.path(path))
+        }
+        None => {
+            a.fact("snapshot_source", "restic snapshots");
+            match ctx.credential_path(&spec.password_file) {
+                Err(e) => Err(e),
+                Ok(password_file) => restic_snapshots(&spec.repository, &password_file).await,
+            }
+        }
+    };
+    {
+        match snapshots {
             Ok(snaps) => match snaps.iter().max_by_key(|s| s.time) {
                 None => {
                     a.drift(
@@ -129,7 +182,7 @@ pub async fn check(ctx: &Context<'_>, spec: &Backup, mut a: Assessment) -> Asses
                 }
             },
             Err(e) => a.error(e),
-        },
+        }
     }
 
     if let Some(unit) = &spec.restore_test_unit {

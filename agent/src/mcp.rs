@@ -499,6 +499,10 @@ fn describe(err: &ureq::Error) -> String {
         Some(
             "the MCP refused this box's client certificate (not issued by the CA it trusts, or expired)",
         )
+    } else if text.contains("Broken pipe") || text.contains("onnection reset") {
+        Some(
+            "the MCP closed the connection during or right after the TLS handshake; most often it refused this box's client certificate (not issued by the CA it trusts, or expired)",
+        )
     } else if text.contains("onnection refused") {
         Some("nothing listens there: is the MCP up, and is mcp_url right?")
     } else if text.contains("imeout") || text.contains("timed out") {

@@ -143,19 +143,47 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Writes a JSON response.
+/// A response to write.
+#[derive(Clone, Debug)]
+pub struct Response {
+    pub status: u16,
+    /// Extra headers (Content-Type, Content-Length and Connection are added).
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub content_type: &'static str,
+}
+
+impl Response {
+    /// A JSON response.
+    pub fn json(status: u16, value: &serde_json::Value) -> Self {
+        Self {
+            status,
+            headers: Vec::new(),
+            body: serde_json::to_vec(value).unwrap_or_default(),
+            content_type: "application/json",
+        }
+    }
+}
+
+/// Writes a response.
 pub fn write_response(
     writer: &mut impl Write,
-    status: u16,
-    body: &[u8],
+    response: &Response,
     keep_alive: bool,
 ) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n",
-        reason(status),
-        body.len(),
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: {}\r\n",
+        response.status,
+        reason(response.status),
+        response.content_type,
+        response.body.len(),
         if keep_alive { "keep-alive" } else { "close" }
     );
+    for (name, value) in &response.headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    let body = &response.body;
     let mut out = head.into_bytes();
     out.extend_from_slice(body);
     writer.write_all(&out)?;

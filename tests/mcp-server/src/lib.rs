@@ -12,7 +12,7 @@ pub mod store;
 
 use std::path::{Path, PathBuf};
 
-pub use server::{Running, ServerConfig, start};
+pub use server::{Handler, Running, ServerConfig, start, start_with};
 pub use store::{OrderRequest, ResultRecord, ServerStats, Store};
 
 #[derive(Debug, thiserror::Error)]

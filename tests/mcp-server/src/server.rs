@@ -14,7 +14,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::json;
 
-use crate::http::{self, HttpError, Request};
+use crate::http::{self, HttpError, Request, Response};
 use crate::store::Store;
 use crate::{Error, Result, valid_id};
 
@@ -126,8 +126,23 @@ impl Drop for Running {
     }
 }
 
-/// Binds `config.listen` (port 0 picks a free port) and serves until stopped.
+/// Answers one request; [`start`] uses protocol v1, tests may inject faults.
+pub type Handler = Arc<dyn Fn(&Store, &Request) -> Response + Send + Sync>;
+
+/// Binds `config.listen` (port 0 picks a free port) and serves protocol v1 until stopped.
 pub fn start(config: ServerConfig) -> Result<Running> {
+    let api_key = config.api_key.clone();
+    start_with(
+        config,
+        Arc::new(move |store: &Store, request: &Request| {
+            let (status, body) = route(store, request, api_key.as_ref());
+            Response::json(status, &body)
+        }),
+    )
+}
+
+/// [`start`] with another handler behind the same TLS and HTTP code.
+pub fn start_with(config: ServerConfig, handler: Handler) -> Result<Running> {
     let tls = tls_config(&config)?;
     let store = Arc::new(Store::open(&config.state_dir)?);
     let listener = TcpListener::bind(config.listen).map_err(|e| Error::Io {
@@ -142,12 +157,11 @@ pub fn start(config: ServerConfig) -> Result<Running> {
         .map_err(Error::io(Path::new("listener")))?;
     let stop = Arc::new(AtomicBool::new(false));
     let connections: Connections = Arc::new(Mutex::new(HashMap::new()));
-    let api_key = config.api_key.clone().map(Arc::new);
     let accept = {
         let (store, stop, connections) = (store.clone(), stop.clone(), connections.clone());
         std::thread::Builder::new()
             .name("mcp-accept".into())
-            .spawn(move || accept_loop(listener, tls, store, stop, connections, api_key))
+            .spawn(move || accept_loop(listener, tls, store, stop, connections, handler))
             .map_err(Error::io(Path::new("accept thread")))?
     };
     Ok(Running {
@@ -165,7 +179,7 @@ fn accept_loop(
     store: Arc<Store>,
     stop: Arc<AtomicBool>,
     connections: Connections,
-    api_key: Option<Arc<String>>,
+    handler: Handler,
 ) {
     let active = Arc::new(AtomicUsize::new(0));
     let next_id = AtomicU64::new(0);
@@ -185,19 +199,19 @@ fn accept_loop(
                     conns.insert(id, clone);
                 }
                 active.fetch_add(1, Ordering::SeqCst);
-                let (tls, store, stop, active, api_key, connections) = (
+                let (tls, store, stop, active, handler, connections) = (
                     tls.clone(),
                     store.clone(),
                     stop.clone(),
                     active.clone(),
-                    api_key.clone(),
+                    handler.clone(),
                     connections.clone(),
                 );
                 let spawned =
                     std::thread::Builder::new()
                         .name("mcp-conn".into())
                         .spawn(move || {
-                            serve_connection(stream, tls, &store, &stop, api_key.as_deref());
+                            serve_connection(stream, tls, &store, &stop, &handler);
                             // Dropping the registered clone closes the socket for good.
                             if let Ok(mut conns) = connections.lock() {
                                 conns.remove(&id);
@@ -229,7 +243,7 @@ fn serve_connection(
     tls: Arc<rustls::ServerConfig>,
     store: &Store,
     stop: &AtomicBool,
-    api_key: Option<&String>,
+    handler: &Handler,
 ) {
     let conn = match rustls::ServerConnection::new(tls) {
         Ok(c) => c,
@@ -243,18 +257,17 @@ fn serve_connection(
         match http::read_request(&mut reader) {
             Ok(None) => return,
             Ok(Some(request)) => {
-                let (status, body) = route(store, &request, api_key);
+                let response = handler(store, &request);
                 let keep_alive = !request.wants_close() && !stop.load(Ordering::SeqCst);
-                let bytes = serde_json::to_vec(&body).unwrap_or_default();
-                if http::write_response(reader.get_mut(), status, &bytes, keep_alive).is_err()
+                if http::write_response(reader.get_mut(), &response, keep_alive).is_err()
                     || !keep_alive
                 {
                     return;
                 }
             }
             Err(HttpError::Bad(status, message)) => {
-                let bytes = serde_json::to_vec(&json!({ "error": message })).unwrap_or_default();
-                let _ = http::write_response(reader.get_mut(), status, &bytes, false);
+                let response = Response::json(status, &json!({ "error": message }));
+                let _ = http::write_response(reader.get_mut(), &response, false);
                 return;
             }
             Err(HttpError::Io(e)) => {

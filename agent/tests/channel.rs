@@ -724,7 +724,7 @@ fn sigkill_during_flush_loses_and_duplicates_nothing() -> TestResult {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
-        std::thread::sleep(Duration::from_millis(rng.gen_range(0..60)));
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..120)));
         if child.try_wait()?.is_none() {
             killed_mid_run += 1;
         }
@@ -735,8 +735,9 @@ fn sigkill_during_flush_loses_and_duplicates_nothing() -> TestResult {
             "round {round}: flush either was killed or succeeded: {status:?}"
         );
     }
+    eprintln!("{killed_mid_run} of 100 kills landed while flush ran");
     assert!(
-        killed_mid_run >= 30,
+        killed_mid_run >= 20,
         "most kills land during a run ({killed_mid_run} of 100)"
     );
     let queue = Queue::open(&ch.db_path(), RetryPolicy::default())?;
@@ -753,6 +754,7 @@ fn sigkill_during_flush_loses_and_duplicates_nothing() -> TestResult {
     on_server.sort();
     assert_eq!(on_server, on_disk, "no bundle lost on the way");
     let stats = ch.server_stats();
+    eprintln!("server after the kills: {stats:?}");
     assert_eq!(
         stats.stored, 500,
         "each stored exactly once (re-sends were answered as duplicates): {stats:?}"

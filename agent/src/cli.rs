@@ -1,4 +1,4 @@
-//! The command line: keys, configuration and evidence commands.
+//! The command line: keys, configuration, evidence, the upload queue and MCP orders.
 //!
 //! Exit codes: 0 success; 1 the thing checked is not right (invalid config,
 //! evidence that does not verify); 2 the command could not do its work.
@@ -15,7 +15,10 @@ use serde_json::json;
 use crate::config::{Config, ConfigError, public_key_path};
 use crate::crypto::{SigningKey, VerifyingKey};
 use crate::evidence::{self, Check, Draft, EvidenceStore, Filter, HostIdentity, Outcome};
+use crate::mcp::{self, DeliverReport, McpClient, McpError, Selection};
 use crate::nixos::RunningSystem;
+use crate::orders::{self, OrderContext};
+use crate::queue::{Queue, QueueStats, unix_now};
 use crate::{Error, Result};
 
 /// HIPAA compliance agent for NixOS appliances: detects drift, heals it and
@@ -50,9 +53,6 @@ pub enum Command {
     /// Add, list, show, verify and prune evidence bundles.
     #[command(subcommand)]
     Evidence(EvidenceCommand),
-    /// Check this box against its baseline: prints each check's status and the
-    /// compliance score and writes one signed bundle per applicable check.
-    /// Exit 0 all compliant, 1 drift, 2 a check could not run.
     /// Heal drift: for each drifted check pick its runbook, apply the guardrails
     /// (maintenance window, cooldown, circuit breaker, allowlist), run it,
     /// verify, and write one signed bundle per attempt.
@@ -69,6 +69,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check this box against its baseline: prints each check's status and the
+    /// compliance score and writes one signed bundle per applicable check.
+    /// Exit 0 all compliant, 1 drift, 2 a check could not run.
     Scan {
         /// Baseline file instead of baseline_path (or the embedded local default).
         #[arg(long, value_name = "FILE")]
@@ -80,6 +83,41 @@ pub enum Command {
         /// instead of /: for checking a captured tree.
         #[arg(long, value_name = "DIR", default_value = "/")]
         root: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The upload queue of bundles for the MSP's central server (MCP).
+    #[command(subcommand)]
+    Queue(QueueCommand),
+    /// Orders from the MCP.
+    #[command(subcommand)]
+    Orders(OrdersCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// Counts of pending, delivered and parked bundles, the next retry and the
+    /// last error. Bundles on disk that are missing from the queue are queued first.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deliver every pending bundle to the MCP now, ignoring backoff; exit 1
+    /// when anything is still queued afterwards, saying why.
+    Flush {
+        /// Also re-arm bundles parked after too many refusals.
+        #[arg(long)]
+        retry_failed: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OrdersCommand {
+    /// Fetch pending orders once, verify each, run the accepted ones, and
+    /// report every outcome (accepted or refused) to the MCP as a signed bundle.
+    Poll {
         #[arg(long)]
         json: bool,
     },
@@ -206,7 +244,168 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let config = Config::load(cli.config.as_deref())?;
             evidence_command(&config, cmd)
         }
+        Command::Queue(cmd) => {
+            let config = Config::load(cli.config.as_deref())?;
+            queue_command(&config, cmd)
+        }
+        Command::Orders(OrdersCommand::Poll { json }) => {
+            let config = Config::load(cli.config.as_deref())?;
+            orders_poll(&config, json)
+        }
     }
+}
+
+/// The upload queue of `config`, with every bundle on disk accounted for.
+pub fn open_queue(config: &Config) -> Result<Queue> {
+    let mut queue = Queue::open_for(config)?;
+    if config.evidence_dir.is_dir() {
+        queue.reconcile(&config.evidence_dir, unix_now())?;
+    }
+    Ok(queue)
+}
+
+/// How long delivered rows stay in the queue before they are pruned.
+const DELIVERED_ROW_DAYS: i64 = 7;
+
+fn queue_command(config: &Config, cmd: QueueCommand) -> Result<ExitCode> {
+    match cmd {
+        QueueCommand::Status { json } => {
+            let queue = open_queue(config)?;
+            let stats = queue.stats(unix_now())?;
+            if json {
+                print_json(
+                    &json!({ "mcp_url": config.mcp_url, "database": queue.path(), "stats": stats }),
+                )?;
+            } else {
+                let fmt_time = |t: Option<i64>| {
+                    t.and_then(|s| Timestamp::from_second(s).ok())
+                        .map_or_else(|| "-".to_owned(), |t| t.to_string())
+                };
+                out!(
+                    "mcp:       {}",
+                    config.mcp_url.as_deref().unwrap_or("(none: offline)")
+                );
+                out!(
+                    "database:  {} (schema {})",
+                    queue.path().display(),
+                    stats.schema_version
+                );
+                out!(
+                    "pending:   {} ({} due now; oldest queued {}; next attempt {})",
+                    stats.pending,
+                    stats.due,
+                    fmt_time(stats.oldest_pending_enqueued_at),
+                    fmt_time(stats.next_attempt_at)
+                );
+                out!(
+                    "delivered: {} (and every seq up to {} pruned from the queue)",
+                    stats.delivered,
+                    stats.delivered_watermark_seq
+                );
+                out!(
+                    "parked:    {} (queue flush --retry-failed re-arms them)",
+                    stats.failed
+                );
+                out!(
+                    "orders:    {} processed, {} nonces remembered",
+                    stats.orders_processed,
+                    stats.seen_nonces
+                );
+                if let Some(e) = &stats.last_error {
+                    out!("last error: {e}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        QueueCommand::Flush { retry_failed, json } => {
+            let client = McpClient::from_config(config)?;
+            let mut queue = open_queue(config)?;
+            if retry_failed {
+                queue.retry_failed(unix_now())?;
+            }
+            let report = mcp::deliver(&client, &mut queue, Selection::AllPending)?;
+            let now = unix_now();
+            queue.prune(now - DELIVERED_ROW_DAYS * 86_400, now)?;
+            let stats = queue.stats(now)?;
+            report_delivery(&report, &stats, json)
+        }
+    }
+}
+
+fn report_delivery(report: &DeliverReport, stats: &QueueStats, json: bool) -> Result<ExitCode> {
+    let left = stats.pending + stats.failed;
+    if json {
+        print_json(&json!({ "delivery": report, "stats": stats }))?;
+    } else {
+        out!(
+            "delivered {} bundle(s) ({} already on the MCP), {} refused, {} still queued, {} parked",
+            report.delivered,
+            report.duplicates,
+            report.refused,
+            stats.pending,
+            stats.failed
+        );
+    }
+    if let Some(reason) = &report.stopped {
+        eprintln!("compliance-agent: {left} bundle(s) still queued: {reason}");
+    }
+    for e in &report.errors {
+        eprintln!("compliance-agent: refused: {e}");
+    }
+    Ok(if left == 0 && report.stopped.is_none() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn orders_poll(config: &Config, json: bool) -> Result<ExitCode> {
+    let client = McpClient::from_config(config)?;
+    let Some(key_path) = &config.mcp_order_pubkey_file else {
+        return Err(McpError::NotConfigured.into());
+    };
+    let order_key = VerifyingKey::load(key_path)?;
+    let mut queue = open_queue(config)?;
+    let store = open_evidence_store(config)?;
+    let processed = {
+        let mut ctx = OrderContext {
+            config,
+            order_key: &order_key,
+            queue: &mut queue,
+            store: &store,
+            now: Timestamp::now(),
+        };
+        orders::poll(&client, &mut ctx)?
+    };
+    let report = mcp::deliver(&client, &mut queue, Selection::AllPending)?;
+    if json {
+        print_json(&json!({ "orders": processed, "delivery": report }))?;
+    } else {
+        if processed.is_empty() {
+            out!("no pending orders");
+        }
+        for p in &processed {
+            let note = if p.already_answered {
+                " (answered before)".to_owned()
+            } else {
+                p.reason
+                    .as_ref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            };
+            out!(
+                "order {} -> {} bundle {}{note}",
+                p.order_id,
+                p.outcome,
+                p.bundle_id.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    if let Some(reason) = &report.stopped {
+        eprintln!("compliance-agent: order results stay queued: {reason}");
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_json<T: Serialize>(value: &T) -> Result<()> {
@@ -396,6 +595,11 @@ fn evidence_command(config: &Config, cmd: EvidenceCommand) -> Result<ExitCode> {
                     "evidence_retention bundles are written by `evidence prune` only".into(),
                 ));
             }
+            if check == Check::McpOrder {
+                return Err(Error::Usage(
+                    "mcp_order bundles are written by `orders poll` only".into(),
+                ));
+            }
             let mut draft = Draft::new(check, parse_outcome(&outcome)?);
             draft.post_state = json!({
                 "recorded_by": "manual",
@@ -570,7 +774,13 @@ fn evidence_command(config: &Config, cmd: EvidenceCommand) -> Result<ExitCode> {
         } => {
             let store = open_evidence_store(config)?;
             let days = retention_days.unwrap_or(config.evidence_retention_days);
-            let report = store.prune(keep, days, Timestamp::now())?;
+            let report = if config.mcp_url.is_some() {
+                // Only what the MCP acknowledged may leave the box.
+                let acknowledged = open_queue(config)?.acknowledged()?;
+                store.prune_where(keep, days, Timestamp::now(), acknowledged)?
+            } else {
+                store.prune(keep, days, Timestamp::now())?
+            };
             if json {
                 print_json(&report)?;
             } else if let Some(cp) = &report.checkpoint {

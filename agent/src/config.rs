@@ -156,6 +156,11 @@ struct RawConfig {
     custom_checks_dir: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     metrics_dir: Option<PathBuf>,
+    upload_backoff_base_sec: Option<u64>,
+    upload_backoff_cap_sec: Option<u64>,
+    upload_max_attempts: Option<u32>,
+    order_max_clock_skew_sec: Option<u64>,
+    order_runbook_allowlist: Option<Vec<String>>,
 }
 
 #[derive(Clone, Copy)]
@@ -200,6 +205,11 @@ const KEYS: &[(&str, Kind)] = &[
     ("custom_checks_dir", Kind::Text),
     ("state_dir", Kind::Text),
     ("metrics_dir", Kind::Text),
+    ("upload_backoff_base_sec", Kind::Integer),
+    ("upload_backoff_cap_sec", Kind::Integer),
+    ("upload_max_attempts", Kind::Integer),
+    ("order_max_clock_skew_sec", Kind::Integer),
+    ("order_runbook_allowlist", Kind::List),
 ];
 
 /// Where the configuration came from.
@@ -248,6 +258,17 @@ pub struct Config {
     pub custom_checks_dir: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub metrics_dir: Option<PathBuf>,
+    /// First retry delay of an upload; doubles per failed attempt.
+    pub upload_backoff_base_sec: u64,
+    /// Longest retry delay of an upload.
+    pub upload_backoff_cap_sec: u64,
+    /// Refusals by the MCP after which an upload is parked as failed (an
+    /// unreachable MCP never parks anything).
+    pub upload_max_attempts: u32,
+    /// How far in the future an order's issued_at may lie (clock skew between MCP and box).
+    pub order_max_clock_skew_sec: u64,
+    /// Runbooks that MCP orders may run.
+    pub order_runbook_allowlist: Vec<String>,
 }
 
 fn serialize_display<S: serde::Serializer, T: fmt::Display>(
@@ -595,6 +616,54 @@ fn resolve(raw: RawConfig, source: ConfigSource, env: &dyn Env) -> Result<Config
             format!("{mcp_poll_interval_sec} is out of range; use 5 to 86400 seconds"),
         );
     }
+    let upload_backoff_base_sec = raw.upload_backoff_base_sec.unwrap_or(30);
+    if !(1..=86_400).contains(&upload_backoff_base_sec) {
+        issues.add(
+            "upload_backoff_base_sec",
+            format!(
+                "{upload_backoff_base_sec} is out of range; use 1 to 86400 seconds (default 30)"
+            ),
+        );
+    }
+    let upload_backoff_cap_sec = raw.upload_backoff_cap_sec.unwrap_or(3600);
+    if upload_backoff_cap_sec < upload_backoff_base_sec || upload_backoff_cap_sec > 604_800 {
+        issues.add(
+            "upload_backoff_cap_sec",
+            format!(
+                "{upload_backoff_cap_sec} is out of range; use upload_backoff_base_sec ({upload_backoff_base_sec}) to 604800 seconds (default 3600)"
+            ),
+        );
+    }
+    let upload_max_attempts = raw.upload_max_attempts.unwrap_or(10);
+    if upload_max_attempts == 0 {
+        issues.add(
+            "upload_max_attempts",
+            "must be at least 1 (default 10 refusals by the MCP before a bundle is parked)",
+        );
+    }
+    let order_max_clock_skew_sec = raw.order_max_clock_skew_sec.unwrap_or(300);
+    if order_max_clock_skew_sec > 3600 {
+        issues.add(
+            "order_max_clock_skew_sec",
+            format!(
+                "{order_max_clock_skew_sec} is out of range; use 0 to 3600 seconds (default 300)"
+            ),
+        );
+    }
+    let order_runbook_allowlist = raw
+        .order_runbook_allowlist
+        .unwrap_or_else(|| vec![crate::orders::COLLECT_EVIDENCE.to_owned()]);
+    for runbook in &order_runbook_allowlist {
+        if !crate::orders::KNOWN_RUNBOOKS.contains(&runbook.as_str()) {
+            issues.add(
+                "order_runbook_allowlist",
+                format!(
+                    "{runbook:?} is not a runbook this agent has; use some of {}",
+                    crate::orders::KNOWN_RUNBOOKS.join(", ")
+                ),
+            );
+        }
+    }
     let evidence_retention_days = raw.evidence_retention_days.unwrap_or(90);
     if evidence_retention_days == 0 {
         issues.add(
@@ -732,6 +801,11 @@ fn resolve(raw: RawConfig, source: ConfigSource, env: &dyn Env) -> Result<Config
         custom_checks_dir: raw.custom_checks_dir,
         state_dir,
         metrics_dir: raw.metrics_dir,
+        upload_backoff_base_sec,
+        upload_backoff_cap_sec,
+        upload_max_attempts,
+        order_max_clock_skew_sec,
+        order_runbook_allowlist,
     })
 }
 
@@ -996,6 +1070,65 @@ mod tests {
         ));
         let keys: Vec<&str> = found.iter().map(|i| i.key.as_str()).collect();
         assert_eq!(keys, ["host_id", "service_health_checks"], "{found:?}");
+    }
+
+    #[test]
+    fn channel_keys_have_defaults_ranges_and_env_names() {
+        let f = Fixture::new();
+        let c = f.load("", &[]).expect("defaults are valid");
+        assert_eq!(
+            (
+                c.upload_backoff_base_sec,
+                c.upload_backoff_cap_sec,
+                c.upload_max_attempts,
+                c.order_max_clock_skew_sec
+            ),
+            (30, 3600, 10, 300),
+            "channel defaults"
+        );
+        assert_eq!(c.order_runbook_allowlist, ["collect_evidence"]);
+        let found = issues(f.load(
+            "upload_backoff_base_sec = 60\nupload_backoff_cap_sec = 10\nupload_max_attempts = 0\norder_max_clock_skew_sec = 7200\norder_runbook_allowlist = [\"rm_rf\"]\n",
+            &[],
+        ));
+        let keys: Vec<&str> = found.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "upload_backoff_cap_sec",
+                "upload_max_attempts",
+                "order_max_clock_skew_sec",
+                "order_runbook_allowlist"
+            ],
+            "{found:?}"
+        );
+        assert!(
+            found[3].message.contains("collect_evidence"),
+            "names the known runbooks: {}",
+            found[3].message
+        );
+        let c = f
+            .load(
+                "",
+                &[
+                    ("UPLOAD_BACKOFF_BASE_SEC", "5"),
+                    ("UPLOAD_BACKOFF_CAP_SEC", "60"),
+                    ("UPLOAD_MAX_ATTEMPTS", "3"),
+                    ("ORDER_MAX_CLOCK_SKEW_SEC", "0"),
+                    ("ORDER_RUNBOOK_ALLOWLIST", "collect_evidence"),
+                ],
+            )
+            .expect("env overrides are valid");
+        assert_eq!(
+            (
+                c.upload_backoff_base_sec,
+                c.upload_backoff_cap_sec,
+                c.upload_max_attempts,
+                c.order_max_clock_skew_sec
+            ),
+            (5, 60, 3, 0),
+            "env overrides"
+        );
     }
 
     #[test]

@@ -3,6 +3,8 @@
 use crate::config::ConfigError;
 use crate::crypto::CryptoError;
 use crate::evidence::EvidenceError;
+use crate::mcp::McpError;
+use crate::queue::QueueError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -12,6 +14,10 @@ pub enum Error {
     Crypto(#[from] CryptoError),
     #[error(transparent)]
     Evidence(#[from] EvidenceError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error(transparent)]
+    Mcp(#[from] McpError),
     #[error("{context}: {source}")]
     Io {
         context: String,

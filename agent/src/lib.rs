@@ -1,4 +1,4 @@
-//! The compliance agent of the HIPAA appliance: configuration, signing, evidence, and the checks and fixes built on them.
+//! The compliance agent of the HIPAA appliance: configuration, signing, evidence, the channel to the MSP, and the checks and fixes built on them.
 
 /// `println!` that ends the process quietly when stdout is closed (`| head`)
 /// instead of panicking.
@@ -22,8 +22,11 @@ pub mod error;
 pub mod evidence;
 pub mod heal;
 pub mod luks;
+pub mod mcp;
 pub mod nar;
 pub mod nixos;
+pub mod orders;
+pub mod queue;
 pub mod scan;
 pub mod schedule;
 pub mod systemd;

@@ -620,27 +620,50 @@ fn backup_snapshots_read_from_a_restic_repository() -> TestResult {
         b
     };
     for with_restic in [false, true] {
-        let r = check(&spec(&password, 26, with_restic), Path::new("/"), Check::Backup);
+        let r = check(
+            &spec(&password, 26, with_restic),
+            Path::new("/"),
+            Check::Backup,
+        );
         assert_status(&r, Status::Drifted, "no snapshot");
     }
 
     // Read through restic, the snapshot's own time counts.
-    restic(&repo, &password, &["backup", "--time", "2020-01-01 00:00:00", data.to_str().expect("utf8")]);
+    restic(
+        &repo,
+        &password,
+        &[
+            "backup",
+            "--time",
+            "2020-01-01 00:00:00",
+            data.to_str().expect("utf8"),
+        ],
+    );
     let r = check(&spec(&password, 26, true), Path::new("/"), Check::Backup);
     assert_status(&r, Status::Drifted, "the newest snapshot is");
     assert_eq!(r.recommended[0].runbook, "run_backup");
     assert_eq!(r.facts["snapshot_source"], "restic snapshots");
 
     // Read from the layout, the time the snapshot was written counts.
-    let snapshot_file = fs::read_dir(repo.join("snapshots"))?.next().ok_or("one snapshot file")??.path();
-    run("touch", &["-d", "40 hours ago", snapshot_file.to_str().expect("utf8")]);
+    let snapshot_file = fs::read_dir(repo.join("snapshots"))?
+        .next()
+        .ok_or("one snapshot file")??
+        .path();
+    run(
+        "touch",
+        &["-d", "40 hours ago", snapshot_file.to_str().expect("utf8")],
+    );
     let r = check(&spec(&password, 26, false), Path::new("/"), Check::Backup);
     assert_status(&r, Status::Drifted, "40 h old");
     assert_eq!(r.facts["snapshot_source"], "repository layout (local)");
 
     restic(&repo, &password, &["backup", data.to_str().expect("utf8")]);
     for with_restic in [false, true] {
-        let r = check(&spec(&password, 26, with_restic), Path::new("/"), Check::Backup);
+        let r = check(
+            &spec(&password, 26, with_restic),
+            Path::new("/"),
+            Check::Backup,
+        );
         assert_status(&r, Status::Compliant, "as declared");
         assert_eq!(r.facts["snapshot_age_hours"], 0);
     }

@@ -42,7 +42,10 @@ fn local_repository(repository: &str) -> Option<&str> {
 /// scrypt takes about half a second and 50 MB per call).
 pub fn local_snapshots(repo: &std::path::Path) -> Result<Vec<Snapshot>, String> {
     if !repo.join("config").is_file() {
-        return Err(format!("{} is not a restic repository (no config file)", repo.display()));
+        return Err(format!(
+            "{} is not a restic repository (no config file)",
+            repo.display()
+        ));
     }
     let dir = repo.join("snapshots");
     let entries = fs::read_dir(&dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
@@ -57,7 +60,8 @@ pub fn local_snapshots(repo: &std::path::Path) -> Result<Vec<Snapshot>, String> 
             .metadata()
             .and_then(|m| m.modified())
             .map_err(|e| format!("cannot stat snapshot {name}: {e}"))?;
-        let time = jiff::Timestamp::try_from(written).map_err(|e| format!("snapshot {name}: {e}"))?;
+        let time =
+            jiff::Timestamp::try_from(written).map_err(|e| format!("snapshot {name}: {e}"))?;
         out.push(Snapshot {
             time,
             short_id: name[..8].to_owned(),

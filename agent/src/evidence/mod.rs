@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use layout::{BUNDLE_FILE, SIGNATURE_FILE};
-pub use query::{Filter, Stats, Summary, find, list, stats};
+pub use query::{BundleRef, Filter, Stats, Summary, bundle_refs, find, list, read, stats};
 pub use store::{Checkpoint, EvidenceStore, HostIdentity, PruneReport, StoredBundle};
 pub use verify::{Problem, VerifyReport, verify};
 
@@ -48,7 +48,7 @@ pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> E
     }
 }
 
-/// What a bundle speaks of: the seven baseline checks, and the store's own retention.
+/// What a bundle speaks of: the seven baseline checks, the store's own retention, MCP orders.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Check {
@@ -64,10 +64,12 @@ pub enum Check {
     Services,
     /// A prune checkpoint: which bundles left the local store.
     EvidenceRetention,
+    /// An order from the MCP: what it asked for, whether it was accepted, what ran.
+    McpOrder,
 }
 
 impl Check {
-    pub const ALL: [Check; 9] = [
+    pub const ALL: [Check; 10] = [
         Check::Patching,
         Check::AvHealth,
         Check::Backup,
@@ -77,6 +79,7 @@ impl Check {
         Check::TimeSync,
         Check::Services,
         Check::EvidenceRetention,
+        Check::McpOrder,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -90,6 +93,7 @@ impl Check {
             Check::TimeSync => "time_sync",
             Check::Services => "services",
             Check::EvidenceRetention => "evidence_retention",
+            Check::McpOrder => "mcp_order",
         }
     }
 
@@ -114,6 +118,9 @@ impl Check {
             // Contingency plan: the services the site depends on keep running.
             Check::Services => &["164.308(a)(7)(ii)(C)", "164.312(a)(1)"],
             Check::EvidenceRetention => &["164.312(c)(1)", "164.316(b)(2)(i)"],
+            // Audit controls and activity review (a remote instruction and what
+            // came of it), entity authentication (the order's signature).
+            Check::McpOrder => &["164.312(b)", "164.308(a)(1)(ii)(D)", "164.312(d)"],
         }
     }
 }

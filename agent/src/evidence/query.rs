@@ -40,6 +40,30 @@ pub fn find(root: &Path, bundle_id: &str) -> Result<(Bundle, PathBuf)> {
     Err(EvidenceError::NotFound(bundle_id.to_owned()))
 }
 
+/// A bundle directory found on disk, without reading it.
+#[derive(Clone, Debug)]
+pub struct BundleRef {
+    pub bundle_id: String,
+    pub dir: PathBuf,
+}
+
+/// Every bundle directory under `root`, oldest day first, without opening a
+/// file: the upload queue reconciles against this at start-up.
+pub fn bundle_refs(root: &Path) -> Result<Vec<BundleRef>> {
+    Ok(all_bundles(root)?
+        .into_iter()
+        .map(|d| BundleRef {
+            bundle_id: d.name,
+            dir: d.path,
+        })
+        .collect())
+}
+
+/// Reads one bundle.json.
+pub fn read(dir: &Path) -> Result<Bundle> {
+    read_bundle(dir).map(|(b, _)| b)
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
     pub check: Option<Check>,

@@ -390,6 +390,19 @@ impl EvidenceStore {
     /// among the `keep` newest, after writing a signed checkpoint that names
     /// the last removed seq and hash so that the chain still verifies.
     pub fn prune(&self, keep: u64, retention_days: u32, now: Timestamp) -> Result<PruneReport> {
+        self.prune_where(keep, retention_days, now, |_, _| true)
+    }
+
+    /// [`prune`](Self::prune), removing a bundle only while `may_remove(bundle_id,
+    /// seq)` holds (with an MCP configured: only what the MCP acknowledged). The
+    /// oldest bundle that may not go stops the prune, so the kept chain has no holes.
+    pub fn prune_where(
+        &self,
+        keep: u64,
+        retention_days: u32,
+        now: Timestamp,
+        may_remove: impl Fn(&str, u64) -> bool,
+    ) -> Result<PruneReport> {
         self.locked(|head| {
             let mut chain: Vec<(ChainView, String, PathBuf)> = Vec::new();
             for dir in all_bundles(&self.root)? {
@@ -414,7 +427,11 @@ impl EvidenceStore {
             let removable = chain
                 .iter()
                 .enumerate()
-                .take_while(|(i, (v, _, _))| (*i as u64) + keep < total && v.timestamp_end < cutoff)
+                .take_while(|(i, (v, _, _))| {
+                    (*i as u64) + keep < total
+                        && v.timestamp_end < cutoff
+                        && may_remove(&v.bundle_id, v.seq)
+                })
                 .count();
             if removable == 0 {
                 return Ok(PruneReport {

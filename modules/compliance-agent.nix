@@ -210,43 +210,9 @@ let
   rulesetExportFile = "/run/compliance-agent-export/ruleset.json";
   systemProfile = "/nix/var/nix/profiles/system";
 
-  # The instance is a generation number of the system profile, or the name of
-  # a system store path that is already in the store and carries a signature
-  # from a trusted key (it becomes a new generation).
-  switchScript = pkgs.writeShellScript "compliance-agent-switch" ''
-    set -euo pipefail
-    instance="$1"
-    case "$instance" in
-      "" ) echo "no generation or store path given" >&2; exit 2 ;;
-      *[!0-9]*)
-        case "$instance" in
-          */* | .* ) echo "'$instance' is not a store path name" >&2; exit 2 ;;
-        esac
-        path="/nix/store/$instance"
-        nix-store --check-validity "$path"
-        nix --extra-experimental-features nix-command store verify --no-contents --sigs-needed 1 "$path"
-        if [ ! -e "$path/bin/switch-to-configuration" ]; then
-          echo "$path is not a NixOS system" >&2
-          exit 1
-        fi
-        nix-env --profile ${systemProfile} --set "$path"
-        exec "$path/bin/switch-to-configuration" switch
-        ;;
-    esac
-    link="${systemProfile}-$instance-link"
-    if [ ! -e "$link/bin/switch-to-configuration" ]; then
-      echo "generation $instance of ${systemProfile} does not exist" >&2
-      exit 1
-    fi
-    nix-env --profile ${systemProfile} --switch-generation "$instance"
-    exec "$link/bin/switch-to-configuration" switch
-  '';
-
-  rollbackScript = pkgs.writeShellScript "compliance-agent-rollback" ''
-    set -euo pipefail
-    nix-env --profile ${systemProfile} --rollback
-    exec ${systemProfile}/bin/switch-to-configuration switch
-  '';
+  switchScripts = import ./lib/switch-scripts.nix { inherit systemProfile; };
+  switchScript = pkgs.writeShellScript "compliance-agent-switch" switchScripts.switch;
+  rollbackScript = pkgs.writeShellScript "compliance-agent-rollback" switchScripts.rollback;
 
   exportScript = pkgs.writeShellScript "compliance-agent-nft-export" ''
     set -euo pipefail

@@ -144,6 +144,7 @@ let
           egress_policy = if applianceFirewall then "drop" else "accept";
           ruleset_export_unit = "compliance-agent-nft-export.service";
           ruleset_export_file = rulesetExportFile;
+          expected_export_file = if applianceFirewall then expectedExportFile else null;
         }
       else
         null;
@@ -208,19 +209,17 @@ let
 
   # ---------------------------------------------------------------- root helpers
   rulesetExportFile = "/run/compliance-agent-export/ruleset.json";
+  expectedExportFile = "/run/compliance-agent-export/expected.json";
   systemProfile = "/nix/var/nix/profiles/system";
 
-  switchScripts = import ./lib/switch-scripts.nix { inherit systemProfile; };
-  switchScript = pkgs.writeShellScript "compliance-agent-switch" switchScripts.switch;
-  rollbackScript = pkgs.writeShellScript "compliance-agent-rollback" switchScripts.rollback;
+  rootHelpers = import ./lib/root-helpers.nix {
+    inherit systemProfile rulesetExportFile expectedExportFile;
+    rulesetFile = if applianceFirewall then "${hardeningCfg.firewall.rulesetFile}" else null;
+  };
+  switchScript = pkgs.writeShellScript "compliance-agent-switch" rootHelpers.switch;
+  rollbackScript = pkgs.writeShellScript "compliance-agent-rollback" rootHelpers.rollback;
 
-  exportScript = pkgs.writeShellScript "compliance-agent-nft-export" ''
-    set -euo pipefail
-    tmp="$(mktemp ${dirOf rulesetExportFile}/.ruleset.XXXXXX)"
-    nft --json list ruleset > "$tmp"
-    chmod 0644 "$tmp"
-    mv -f "$tmp" ${rulesetExportFile}
-  '';
+  exportScript = pkgs.writeShellScript "compliance-agent-nft-export" rootHelpers.nftExport;
 
   # The CLI as administrators use it: as the agent's user, with the same
   # credentials the service gets, so `%d/...` paths resolve and evidence
@@ -734,10 +733,13 @@ in
     };
     systemd.services.compliance-agent-nft-export = lib.mkIf config.networking.nftables.enable {
       description = "Export the live nftables ruleset for the compliance agent";
-      # Reading the ruleset needs CAP_NET_ADMIN, which the agent does not have.
+      # Reading the ruleset needs CAP_NET_ADMIN, which the agent does not have;
+      # loading the baseline ruleset into a throwaway network namespace (to list
+      # it the way the kernel does) needs CAP_SYS_ADMIN for unshare.
       path = [
         pkgs.nftables
         pkgs.coreutils
+        pkgs.util-linux
       ];
       serviceConfig = {
         Type = "oneshot";
@@ -745,7 +747,10 @@ in
         RuntimeDirectory = "compliance-agent-export";
         RuntimeDirectoryMode = "0755";
         RuntimeDirectoryPreserve = true;
-        CapabilityBoundingSet = [ "CAP_NET_ADMIN" ];
+        CapabilityBoundingSet = [
+          "CAP_NET_ADMIN"
+          "CAP_SYS_ADMIN"
+        ];
         PrivateNetwork = false;
         ProtectSystem = "strict";
         ProtectHome = true;

@@ -160,6 +160,7 @@ struct RawConfig {
     upload_backoff_cap_sec: Option<u64>,
     upload_max_attempts: Option<u32>,
     order_max_clock_skew_sec: Option<u64>,
+    health_check_timeout_sec: Option<u64>,
     order_runbook_allowlist: Option<Vec<String>>,
 }
 
@@ -209,6 +210,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("upload_backoff_cap_sec", Kind::Integer),
     ("upload_max_attempts", Kind::Integer),
     ("order_max_clock_skew_sec", Kind::Integer),
+    ("health_check_timeout_sec", Kind::Integer),
     ("order_runbook_allowlist", Kind::List),
 ];
 
@@ -267,6 +269,9 @@ pub struct Config {
     pub upload_max_attempts: u32,
     /// How far in the future an order's issued_at may lie (clock skew between MCP and box).
     pub order_max_clock_skew_sec: u64,
+    /// How long the services in service_health_checks (and the MCP) may take
+    /// to be healthy after a generation switch before it is rolled back.
+    pub health_check_timeout_sec: u64,
     /// Runbooks that MCP orders may run.
     pub order_runbook_allowlist: Vec<String>,
 }
@@ -641,6 +646,15 @@ fn resolve(raw: RawConfig, source: ConfigSource, env: &dyn Env) -> Result<Config
             "must be at least 1 (default 10 refusals by the MCP before a bundle is parked)",
         );
     }
+    let health_check_timeout_sec = raw.health_check_timeout_sec.unwrap_or(60);
+    if !(1..=3600).contains(&health_check_timeout_sec) {
+        issues.add(
+            "health_check_timeout_sec",
+            format!(
+                "{health_check_timeout_sec} is out of range; use 1 to 3600 seconds (default 60)"
+            ),
+        );
+    }
     let order_max_clock_skew_sec = raw.order_max_clock_skew_sec.unwrap_or(300);
     if order_max_clock_skew_sec > 3600 {
         issues.add(
@@ -805,6 +819,7 @@ fn resolve(raw: RawConfig, source: ConfigSource, env: &dyn Env) -> Result<Config
         upload_backoff_cap_sec,
         upload_max_attempts,
         order_max_clock_skew_sec,
+        health_check_timeout_sec,
         order_runbook_allowlist,
     })
 }

@@ -75,6 +75,7 @@ let
       egress_policy = v: v == "drop" || v == "accept";
       ruleset_export_unit = v: v == null || unitName v;
       ruleset_export_file = nullOrString;
+      expected_export_file = nullOrString;
     };
     encryption = {
       filesystems = listOf isString;

@@ -18,8 +18,6 @@ pub use runbooks::Runbook;
 
 /// After this many failed fixes in a row a check goes to alert instead of looping.
 pub const BREAKER_THRESHOLD: u32 = 3;
-/// How long the services the site relies on may take to come back after a switch.
-pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HealError {
@@ -431,7 +429,12 @@ impl Engine<'_> {
             draft.rollback_available = from.is_some();
             draft.rollback_generation = from;
             let health = if steps.failed.is_none() {
-                healthy(self.systemd, self.config, HEALTH_TIMEOUT).await
+                healthy(
+                    self.systemd,
+                    self.config,
+                    Duration::from_secs(self.config.health_check_timeout_sec),
+                )
+                .await
             } else {
                 Err(steps.failed.clone().unwrap_or_default())
             };
@@ -445,9 +448,13 @@ impl Engine<'_> {
                     let mut rollback = runbooks::execute(&back, self.systemd).await;
                     steps.actions.append(&mut rollback.actions);
                     let restored = rollback.failed.is_none()
-                        && healthy(self.systemd, self.config, HEALTH_TIMEOUT)
-                            .await
-                            .is_ok();
+                        && healthy(
+                            self.systemd,
+                            self.config,
+                            Duration::from_secs(self.config.health_check_timeout_sec),
+                        )
+                        .await
+                        .is_ok();
                     outcome = if restored {
                         Outcome::Reverted
                     } else {

@@ -93,6 +93,7 @@ in
       egress_policy = "drop";
       ruleset_export_unit = "compliance-agent-nft-export.service";
       ruleset_export_file = "/run/compliance-agent-export/ruleset.json";
+      expected_export_file = "/run/compliance-agent-export/expected.json";
     };
     timeSync = {
       unit = "chronyd.service";

@@ -70,7 +70,7 @@ if [ "$bad" = 0 ] && [ "$count" -gt 0 ]; then pass "$count .nix files parse"; fi
 section "the modules import the checked functions"
 for pair in "modules/compliance-agent.nix:service-hardening.nix" "modules/compliance-agent.nix:polkit-rule.nix" \
             "modules/compliance-agent.nix:baseline.nix" "modules/hardening.nix:egress-ruleset.nix" \
-            "modules/hardening.nix:audit-rules.nix"; do
+            "modules/hardening.nix:audit-rules.nix" "modules/compliance-agent.nix:root-helpers.nix"; do
   file=${pair%%:*}; fn=${pair#*:}
   if grep -q "lib/$fn" "$file" 2>/dev/null; then pass "$file imports lib/$fn"; else fail "$file does not import lib/$fn"; fi
 done
@@ -351,6 +351,19 @@ else
 fi
 
 # ---------------------------------------------------------------- flake.lock
+section "root helper scripts (generation switch, rollback, ruleset export)"
+helpers_json=$(nix-instantiate --eval --strict --json -E 'import ./modules/lib/root-helpers.nix { systemProfile = "/nix/var/nix/profiles/system"; rulesetFile = "/nix/store/00000000000000000000000000000000-rules"; }' 2>&1) \
+  && pass "root-helpers.nix evaluates" || fail "root-helpers.nix: $helpers_json"
+for key in switch rollback nftExport; do
+  script=$(printf '%s' "$helpers_json" | python3 -c "import json,sys; print(json.load(sys.stdin)['$key'])" 2>/dev/null) || script=""
+  if [ -n "$script" ] && printf '%s\n' "$script" | bash -n; then pass "$key script is valid bash"; else fail "$key script does not parse"; fi
+done
+if nix-instantiate --eval --strict -E 'import ./modules/lib/root-helpers.nix { systemProfile = "/x"; rulesetFile = "/etc/rules; rm -rf /"; }' >/dev/null 2>&1; then
+  fail "root-helpers.nix accepts a ruleset path with shell metacharacters"
+else
+  pass "root-helpers.nix refuses a ruleset path with shell metacharacters"
+fi
+
 section "flake.lock pins (see docs/nixpkgs-pin.md for the public sources)"
 if [ -f flake.lock ]; then
   if "$PY" - flake.lock >"$WORK/lock.out" 2>&1 <<'PYEOF'

@@ -8,7 +8,6 @@
 #[allow(dead_code)]
 #[path = "../tests/common/agent_box.rs"]
 mod agent_box;
-#[allow(dead_code)]
 #[path = "../tests/common/harness.rs"]
 mod harness;
 

@@ -201,6 +201,8 @@ let
     firewall_enforce = cfg.firewallEnforce;
     encryption_verify = cfg.encryptionVerify;
     service_health_checks = cfg.serviceHealthChecks;
+    health_check_timeout_sec = cfg.healthCheckTimeoutSec;
+    order_runbook_allowlist = cfg.orderRunbookAllowlist;
     custom_checks_dir = cfg.customChecksDir;
     state_dir = cfg.stateDir;
     metrics_dir = cfg.metricsDir;
@@ -479,6 +481,46 @@ in
         the polkit allowlist (the agent may start, restart and stop them).
       '';
       example = [ "postgresql.service" ];
+    };
+
+    healthCheckTimeoutSec = lib.mkOption {
+      type = lib.types.ints.between 1 3600;
+      default = 60;
+      description = ''
+        Seconds the units in serviceHealthChecks (and the MCP, when configured)
+        may take to be healthy after a generation switch before the agent
+        switches back to the previous generation.
+      '';
+      example = 120;
+    };
+
+    orderRunbookAllowlist = lib.mkOption {
+      type = lib.types.listOf (
+        lib.types.enum [
+          "collect_evidence"
+          "restart_unit"
+          "stop_unit"
+          "reapply_firewall"
+          "run_backup"
+          "restore_test"
+          "refresh_av_signatures"
+          "resync_time"
+          "switch_generation"
+          "rollback_generation"
+        ]
+      );
+      # Signed orders still pass the unit allowlist and the maintenance window;
+      # generation changes by order are opt-in.
+      default = [
+        "collect_evidence"
+        "restart_unit"
+        "reapply_firewall"
+        "run_backup"
+        "restore_test"
+        "refresh_av_signatures"
+      ];
+      description = "Runbooks the MSP may order on this box (orders for any other runbook are refused with a signed bundle).";
+      example = lib.literalExpression ''[ "collect_evidence" "restart_unit" "switch_generation" ]'';
     };
 
     customChecksDir = lib.mkOption {

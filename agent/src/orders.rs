@@ -21,7 +21,7 @@ pub const ORDER_PAYLOAD_TYPE: &str = "application/vnd.compliance-agent.order+jso
 /// The runbook that records the box's current state.
 pub const COLLECT_EVIDENCE: &str = "collect_evidence";
 /// Every runbook this agent can run; `order_runbook_allowlist` picks from these.
-pub const KNOWN_RUNBOOKS: &[&str] = &[COLLECT_EVIDENCE];
+pub const KNOWN_RUNBOOKS: &[&str] = crate::heal::runbooks::RUNBOOK_IDS;
 /// Shortest lifetime an order may have (the platform spec's `ttl >= 60`).
 pub const MIN_TTL_SEC: u64 = 60;
 /// Longest lifetime: bounds how long nonces must be remembered.
@@ -262,7 +262,9 @@ pub fn check_params(runbook_id: &str, params: &Value) -> Result<(), String> {
             }
             Ok(())
         }
-        other => Err(format!("no runbook {other:?} in this agent")),
+        other => crate::heal::Runbook::parse(other, params)
+            .map(|_| ())
+            .map_err(|e| format!("params do not match {other}: {e}")),
     }
 }
 
@@ -278,12 +280,38 @@ struct RunbookResult {
 fn dispatch(order: &Order, ctx: &mut OrderContext<'_>) -> RunbookResult {
     match order.runbook_id.as_str() {
         COLLECT_EVIDENCE => collect_evidence(order, ctx),
-        other => RunbookResult {
-            outcome: Outcome::Failed,
-            post_state: json!({}),
-            actions: Vec::new(),
-            error: Some(format!("no runbook {other:?} in this agent")),
-        },
+        other => {
+            let runbook = match crate::heal::Runbook::parse(other, &order.params) {
+                Ok(r) => r,
+                Err(e) => {
+                    return RunbookResult {
+                        outcome: Outcome::Failed,
+                        post_state: json!({}),
+                        actions: Vec::new(),
+                        error: Some(e),
+                    };
+                }
+            };
+            // The healing engine's runbooks are async (D-Bus); orders are handled off the async threads.
+            let run = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map(|rt| rt.block_on(crate::heal::run_order(ctx.config, &runbook, ctx.now)));
+            match run {
+                Ok(r) => RunbookResult {
+                    outcome: r.outcome,
+                    post_state: r.post_state,
+                    actions: r.actions,
+                    error: r.error,
+                },
+                Err(e) => RunbookResult {
+                    outcome: Outcome::Failed,
+                    post_state: json!({}),
+                    actions: Vec::new(),
+                    error: Some(format!("cannot start the async runtime: {e}")),
+                },
+            }
+        }
     }
 }
 

@@ -517,6 +517,77 @@ impl Engine<'_> {
     }
 }
 
+/// What an order's runbook did.
+pub struct OrderRun {
+    pub outcome: Outcome,
+    pub post_state: Value,
+    pub actions: Vec<crate::evidence::ActionTaken>,
+    pub error: Option<String>,
+}
+
+/// Runs a runbook an MCP order asked for, through the same runbooks and
+/// guardrails as `heal`: the unit allowlist of the baseline and the
+/// maintenance window for disruptive runbooks (a signed order does not
+/// bypass them). Cooldowns and the circuit breaker apply to the agent's own
+/// decisions, not to an operator's explicit order.
+pub async fn run_order(config: &Config, runbook: &Runbook, now: jiff::Timestamp) -> OrderRun {
+    let refuse = |outcome: Outcome, error: String, post: Value| OrderRun {
+        outcome,
+        post_state: post,
+        actions: Vec::new(),
+        error: Some(error),
+    };
+    let baseline = match &config.baseline_path {
+        Some(p) => match Baseline::load(p) {
+            Ok(b) => Some(b),
+            Err(e) => return refuse(Outcome::Failed, e.to_string(), json!({ "ran": false })),
+        },
+        None => None,
+    };
+    if let Some(unit) = runbook.target() {
+        let allowed = baseline.as_ref().map(allowlist).unwrap_or_default();
+        if !allowed.iter().any(|u| u == unit) {
+            return refuse(
+                Outcome::Failed,
+                format!("{unit} is not on this box's unit allowlist (the baseline's units)"),
+                json!({ "ran": false }),
+            );
+        }
+    }
+    if runbook.disruptive(&config.service_health_checks) && !config.maintenance_window.is_open(now)
+    {
+        let opens = config.maintenance_window.next_start(now).timestamp();
+        return refuse(
+            Outcome::Deferred,
+            format!(
+                "{} is disruptive and this box's maintenance window ({}) opens at {opens}",
+                runbook.id(),
+                config.maintenance_window
+            ),
+            json!({ "ran": false, "window_opens": opens }),
+        );
+    }
+    let systemd = match Systemd::system().await {
+        Ok(s) => s,
+        Err(e) => return refuse(Outcome::Failed, e.to_string(), json!({ "ran": false })),
+    };
+    let steps = runbooks::execute(runbook, &systemd).await;
+    let unit_state = match runbook.target() {
+        Some(unit) => systemd.unit_state(unit).await.ok().map(|s| json!(s)),
+        None => None,
+    };
+    OrderRun {
+        outcome: if steps.failed.is_none() {
+            Outcome::Success
+        } else {
+            Outcome::Failed
+        },
+        post_state: json!({ "ran": true, "runbook": runbook.id(), "params": runbook.params(), "unit": unit_state }),
+        actions: steps.actions,
+        error: steps.failed,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -673,6 +744,40 @@ mod tests {
             ),
             "bad params"
         );
+    }
+
+    #[test]
+    fn orders_pass_the_same_guardrails() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let cfg = config("02:00-04:00", &["clinic-app.service"]);
+        let restart =
+            Runbook::parse("restart_unit", &json!({"unit": "sshd.service"})).expect("valid");
+        let run = rt.block_on(run_order(&cfg, &restart, ts("2026-11-29T12:00:00Z")));
+        assert_eq!(
+            run.outcome,
+            Outcome::Failed,
+            "no baseline: no unit is on the allowlist"
+        );
+        assert!(
+            run.error
+                .as_deref()
+                .is_some_and(|e| e.contains("allowlist")),
+            "{:?}",
+            run.error
+        );
+        let switch = Runbook::parse("switch_generation", &json!({"generation": 3})).expect("valid");
+        let run = rt.block_on(run_order(&cfg, &switch, ts("2026-11-29T12:00:00Z")));
+        assert_eq!(
+            run.outcome,
+            Outcome::Deferred,
+            "disruptive orders wait for the window too"
+        );
+        assert_eq!(run.post_state["ran"], false);
+        assert!(crate::orders::check_params("restart_unit", &json!({"unit": "a.service"})).is_ok());
+        assert!(crate::orders::check_params("restart_unit", &json!({"unit": 5})).is_err());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -9,7 +10,7 @@ use serde_json::{Value, json};
 use crate::baseline::Baseline;
 use crate::config::{Config, ConfigSource};
 use crate::drift::{self, CheckResult, Context, Status};
-use crate::evidence::{Check, Draft, Outcome, StoredBundle};
+use crate::evidence::{Check, Draft, EvidenceStore, Outcome, StoredBundle};
 use crate::systemd::Systemd;
 use crate::{Error, Result};
 
@@ -224,15 +225,122 @@ pub fn run_scan(config: &Config, options: &ScanOptions<'_>) -> Result<ExitCode> 
     Ok(ExitCode::from(exit_code(&results)))
 }
 
-#[derive(Serialize)]
-struct HealLine {
-    check: Check,
-    runbook: Option<String>,
-    params: Value,
-    decision: crate::heal::Decision,
-    outcome: Option<Outcome>,
-    error: Option<String>,
-    bundle_id: Option<String>,
+/// One drifted check's fix: what the guardrails decided and what came of it.
+#[derive(Clone, Debug, Serialize)]
+pub struct HealLine {
+    pub check: Check,
+    pub runbook: Option<String>,
+    pub params: Value,
+    pub decision: crate::heal::Decision,
+    pub outcome: Option<Outcome>,
+    pub error: Option<String>,
+    pub bundle_id: Option<String>,
+    pub duration_ms: u64,
+}
+
+/// What one heal cycle saw and did.
+pub struct Cycle {
+    pub results: Vec<CheckResult>,
+    pub lines: Vec<HealLine>,
+    /// Bundles written, in order (heal attempts, and with `scan_evidence` every applicable check).
+    pub stored: Vec<StoredBundle>,
+}
+
+/// Stores a draft off the async threads (signing and fsync block).
+async fn store_draft(store: &Arc<EvidenceStore>, draft: Draft) -> Result<StoredBundle> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || store.store(draft))
+        .await
+        .map_err(|e| Error::Usage(format!("evidence writer task failed: {e}")))?
+        .map_err(Error::from)
+}
+
+/// Checks, plans and (unless `store` is None: a dry run) fixes, storing each
+/// bundle as soon as it exists so that a kill loses no finished fix. With
+/// `scan_evidence`, every applicable check's result is recorded too.
+pub async fn heal_cycle(
+    engine: &mut crate::heal::Engine<'_>,
+    store: Option<&Arc<EvidenceStore>>,
+    only: Option<Check>,
+    scan_evidence: bool,
+) -> Result<Cycle> {
+    let mut stored = Vec::new();
+    if let Some(store) = store
+        && let Some(draft) = engine.resolve_in_flight().await
+    {
+        stored.push(store_draft(store, draft).await?);
+    }
+    let results: Vec<CheckResult> = engine
+        .check_all()
+        .await
+        .into_iter()
+        .filter(|r| only.is_none_or(|c| c == r.check))
+        .collect();
+    engine.note_compliant(&results);
+    if scan_evidence && let Some(store) = store {
+        let drafts: Vec<Draft> = results
+            .iter()
+            .filter(|r| r.status != Status::NotApplicable)
+            .map(draft_for)
+            .collect();
+        let writer = store.clone();
+        let written = tokio::task::spawn_blocking(move || writer.store_many(drafts))
+            .await
+            .map_err(|e| Error::Usage(format!("evidence writer task failed: {e}")))??;
+        stored.extend(written);
+    }
+    let items = crate::heal::plan(
+        &results,
+        engine.config,
+        engine.baseline,
+        &engine.state,
+        jiff::Timestamp::now(),
+    );
+    let mut lines = Vec::new();
+    for item in &items {
+        let started = std::time::Instant::now();
+        let mut line = HealLine {
+            check: item.check,
+            runbook: item.runbook.as_ref().map(|r| r.id().to_owned()),
+            params: item
+                .runbook
+                .as_ref()
+                .map(|r| r.params())
+                .unwrap_or(Value::Null),
+            decision: item.decision.clone(),
+            outcome: None,
+            error: None,
+            bundle_id: None,
+            duration_ms: 0,
+        };
+        if let Some(store) = store
+            && let Some(before) = results.iter().find(|r| r.check == item.check)
+            && let Some(draft) = engine.carry_out(item, before).await
+        {
+            line.outcome = Some(draft.outcome);
+            line.error = draft.error.clone();
+            let bundle = store_draft(store, draft).await?;
+            line.bundle_id = Some(bundle.bundle_id.clone());
+            stored.push(bundle);
+            engine
+                .state
+                .save(&engine.config.state_dir)
+                .map_err(|e| Error::Usage(e.to_string()))?;
+        }
+        line.duration_ms = started.elapsed().as_millis() as u64;
+        lines.push(line);
+    }
+    if store.is_some() {
+        engine
+            .state
+            .save(&engine.config.state_dir)
+            .map_err(|e| Error::Usage(e.to_string()))?;
+    }
+    Ok(Cycle {
+        results,
+        lines,
+        stored,
+    })
 }
 
 /// `heal`: checks, plan, guardrails, fixes, evidence.
@@ -243,7 +351,7 @@ pub fn run_heal(
     dry_run: bool,
     json: bool,
 ) -> Result<ExitCode> {
-    use crate::heal::{self, Decision, Engine, HealState};
+    use crate::heal::{Decision, Engine, HealState};
     let (baseline, _) = load_baseline(config, baseline_arg, Path::new("/"))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -267,73 +375,15 @@ pub fn run_heal(
         let store = if dry_run {
             None
         } else {
-            Some(crate::cli::open_evidence_store(config)?)
+            Some(Arc::new(crate::cli::open_evidence_store(config)?))
         };
-        if !dry_run
-            && let Some(draft) = engine.resolve_in_flight().await
-            && let Some(store) = &store
-        {
-            store.store(draft)?;
-        }
-        let mut results = Vec::new();
-        for check in drift::CHECKS {
-            if only.is_none_or(|c| c == check) {
-                results.push(engine.check(check).await);
-            }
-        }
-        engine.note_compliant(&results);
-        let items = heal::plan(
-            &results,
-            config,
-            &baseline,
-            &engine.state,
-            jiff::Timestamp::now(),
-        );
-        let mut lines = Vec::new();
-        let mut all_fixed = true;
-        for item in &items {
-            let mut line = HealLine {
-                check: item.check,
-                runbook: item.runbook.as_ref().map(|r| r.id().to_owned()),
-                params: item
-                    .runbook
-                    .as_ref()
-                    .map(|r| r.params())
-                    .unwrap_or(Value::Null),
-                decision: item.decision.clone(),
-                outcome: None,
-                error: None,
-                bundle_id: None,
-            };
-            if !dry_run {
-                let before = results.iter().find(|r| r.check == item.check);
-                if let (Some(before), Some(store)) = (before, &store)
-                    && let Some(draft) = engine.carry_out(item, before).await
-                {
-                    line.outcome = Some(draft.outcome);
-                    line.error = draft.error.clone();
-                    // Each bundle is stored as soon as it exists: a kill loses no finished fix.
-                    let stored = store.store(draft)?;
-                    line.bundle_id = Some(stored.bundle_id);
-                    engine
-                        .state
-                        .save(&config.state_dir)
-                        .map_err(|e| Error::Usage(e.to_string()))?;
-                }
-            }
-            if !matches!(line.outcome, Some(Outcome::Success))
-                && !matches!(item.decision, Decision::Cooldown { .. })
-            {
-                all_fixed = false;
-            }
-            lines.push(line);
-        }
-        if !dry_run {
-            engine
-                .state
-                .save(&config.state_dir)
-                .map_err(|e| Error::Usage(e.to_string()))?;
-        }
+        let lines = heal_cycle(&mut engine, store.as_ref(), only, false)
+            .await?
+            .lines;
+        let all_fixed = lines.iter().all(|l| {
+            matches!(l.outcome, Some(Outcome::Success))
+                || matches!(l.decision, Decision::Cooldown { .. })
+        });
         if json {
             let text = serde_json::to_string_pretty(&json!({ "dry_run": dry_run, "plan": lines }))
                 .map_err(crate::evidence::EvidenceError::from)?;

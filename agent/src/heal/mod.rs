@@ -302,6 +302,11 @@ impl Engine<'_> {
         drift::run_check(check, &self.context()).await
     }
 
+    /// Every check, concurrently.
+    pub async fn check_all(&self) -> Vec<CheckResult> {
+        drift::run_all(&self.context()).await
+    }
+
     /// Records how a generation change the agent did not live to see ended.
     pub async fn resolve_in_flight(&mut self) -> Option<Draft> {
         let flight = self.state.in_flight.take()?;

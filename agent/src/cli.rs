@@ -53,6 +53,23 @@ pub enum Command {
     /// Add, list, show, verify and prune evidence bundles.
     #[command(subcommand)]
     Evidence(EvidenceCommand),
+    /// The service: react to unit state changes, scan on an interval, heal,
+    /// poll orders, deliver evidence, prune; READY/STATUS/WATCHDOG to systemd.
+    /// SIGTERM or SIGINT finish current work and exit 0; SIGHUP reloads the
+    /// configuration and baseline (a bad new one is refused, the old stays).
+    Run {
+        /// No unit state signals: only the fixed interval scan (for comparison).
+        #[arg(long)]
+        poll_only: bool,
+        /// Seconds between full scans (default 300; 60 with --poll-only).
+        #[arg(long, value_name = "SECONDS")]
+        scan_interval: Option<u64>,
+    },
+    /// The running agent's state: last scan, score, drifted checks, queue, MCP contact, deferred fixes.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
     /// Heal drift: for each drifted check pick its runbook, apply the guardrails
     /// (maintenance window, cooldown, circuit breaker, allowlist), run it,
     /// verify, and write one signed bundle per attempt.
@@ -215,6 +232,23 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Keygen { out, json } => keygen(&out, json),
         Command::Config(ConfigCommand::Check { json }) => config_check(cli.config.as_deref(), json),
+        Command::Run {
+            poll_only,
+            scan_interval,
+        } => {
+            let default = if poll_only { 60 } else { 300 };
+            crate::agent::run(crate::agent::RunOptions {
+                config_path: cli.config.clone(),
+                watch_units: !poll_only,
+                scan_interval: std::time::Duration::from_secs(
+                    scan_interval.unwrap_or(default).max(5),
+                ),
+            })
+        }
+        Command::Status { json } => {
+            let config = Config::load(cli.config.as_deref())?;
+            agent_status(&config, json)
+        }
         Command::Heal {
             check,
             dry_run,
@@ -800,4 +834,77 @@ fn evidence_command(config: &Config, cmd: EvidenceCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn agent_status(config: &Config, json: bool) -> Result<ExitCode> {
+    let path = crate::agent::status_path(&config.state_dir);
+    let bytes = std::fs::read(&path).map_err(|source| Error::Io {
+        context: format!("no status at {} (is the agent running?)", path.display()),
+        source,
+    })?;
+    let status: crate::agent::AgentStatus = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Usage(format!("{} is not a status file: {e}", path.display())))?;
+    let running = std::path::Path::new(&format!("/proc/{}", status.pid)).exists();
+    if json {
+        print_json(&json!({ "running": running, "status": status }))?;
+    } else {
+        let when =
+            |t: Option<jiff::Timestamp>| t.map_or_else(|| "never".to_owned(), |t| t.to_string());
+        out!(
+            "agent:      {} (pid {}, version {}, {})",
+            if running { "running" } else { "NOT running" },
+            status.pid,
+            status.version,
+            status.mode
+        );
+        out!("started:    {}", when(status.started));
+        out!(
+            "last scan:  {}; last cycle {}",
+            when(status.last_scan),
+            when(status.last_cycle)
+        );
+        out!(
+            "score:      {}",
+            status
+                .score
+                .map_or_else(|| "-".to_owned(), |s| format!("{s:.0}%"))
+        );
+        out!(
+            "drifted:    {}",
+            if status.drifted.is_empty() {
+                "none".to_owned()
+            } else {
+                status.drifted.join(", ")
+            }
+        );
+        out!(
+            "queue:      {}",
+            status
+                .queue_pending
+                .map_or_else(|| "offline".to_owned(), |p| format!("{p} pending"))
+        );
+        out!(
+            "mcp:        last contact {}{}",
+            when(status.last_mcp_contact),
+            status
+                .last_mcp_error
+                .as_ref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        );
+        for d in &status.deferred {
+            out!(
+                "deferred:   {} {} (since {}; window opens {})",
+                d.check,
+                d.runbook,
+                d.since,
+                d.window_opens
+            );
+        }
+    }
+    Ok(if running {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

@@ -13,6 +13,7 @@ macro_rules! out {
     }};
 }
 
+pub mod agent;
 pub mod baseline;
 pub mod cli;
 pub mod config;
@@ -23,8 +24,10 @@ pub mod evidence;
 pub mod heal;
 pub mod luks;
 pub mod mcp;
+pub mod metrics;
 pub mod nar;
 pub mod nixos;
+pub mod notify;
 pub mod orders;
 pub mod queue;
 pub mod scan;

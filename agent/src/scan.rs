@@ -336,6 +336,17 @@ pub async fn heal_cycle(
             .save(&engine.config.state_dir)
             .map_err(|e| Error::Usage(e.to_string()))?;
     }
+    // After fixes, report the box as it is now, not as it was found.
+    let results = if lines.iter().any(|l| l.outcome.is_some()) {
+        engine
+            .check_all()
+            .await
+            .into_iter()
+            .filter(|r| only.is_none_or(|c| c == r.check))
+            .collect()
+    } else {
+        results
+    };
     Ok(Cycle {
         results,
         lines,

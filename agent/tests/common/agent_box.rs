@@ -43,6 +43,8 @@ pub struct Setup<'a> {
     pub target_system: Option<&'a str>,
     /// Units the polkit rule lets the agent start and restart.
     pub polkit_units: &'a [&'a str],
+    /// More lines for the agent's TOML.
+    pub extra_config: &'a str,
 }
 
 impl Default for Setup<'_> {
@@ -58,6 +60,7 @@ impl Default for Setup<'_> {
                 "chrony.service",
                 "clamav-daemon.service",
             ],
+            extra_config: "",
         }
     }
 }
@@ -152,8 +155,8 @@ impl AgentBox {
         self.write(
             CONFIG,
             &format!(
-                "site_id = \"clinic-h\"\nhost_id = \"appliance\"\nsigning_key_file = \"{STATE}/keys/signing.key\"\nstate_dir = \"{STATE}\"\nevidence_dir = \"{STATE}/evidence\"\nbaseline_path = \"{BASELINE}\"\nmaintenance_window = \"{}\"\nservice_health_checks = [{health}]\nhealth_check_timeout_sec = 3\n",
-                s.window
+                "site_id = \"clinic-h\"\nhost_id = \"appliance\"\nsigning_key_file = \"{STATE}/keys/signing.key\"\nstate_dir = \"{STATE}\"\nevidence_dir = \"{STATE}/evidence\"\nbaseline_path = \"{BASELINE}\"\nmaintenance_window = \"{}\"\nservice_health_checks = [{health}]\nhealth_check_timeout_sec = 3\n{}",
+                s.window, s.extra_config
             ),
         );
         let baseline = json!({

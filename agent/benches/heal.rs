@@ -4,8 +4,6 @@
 //!
 //! Run (as root): `cargo bench -p compliance-agent --bench heal`
 
-// Shared with the integration tests; the benchmark uses part of them.
-#[allow(dead_code)]
 #[path = "../tests/common/agent_box.rs"]
 mod agent_box;
 #[path = "../tests/common/harness.rs"]

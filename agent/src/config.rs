@@ -161,6 +161,7 @@ struct RawConfig {
     upload_max_attempts: Option<u32>,
     order_max_clock_skew_sec: Option<u64>,
     health_check_timeout_sec: Option<u64>,
+    restart_cooldown_sec: Option<u64>,
     order_runbook_allowlist: Option<Vec<String>>,
 }
 
@@ -211,6 +212,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("upload_max_attempts", Kind::Integer),
     ("order_max_clock_skew_sec", Kind::Integer),
     ("health_check_timeout_sec", Kind::Integer),
+    ("restart_cooldown_sec", Kind::Integer),
     ("order_runbook_allowlist", Kind::List),
 ];
 
@@ -272,6 +274,8 @@ pub struct Config {
     /// How long the services in service_health_checks (and the MCP) may take
     /// to be healthy after a generation switch before it is rolled back.
     pub health_check_timeout_sec: u64,
+    /// Least time between two restarts (or stops) of the same unit by the agent.
+    pub restart_cooldown_sec: u64,
     /// Runbooks that MCP orders may run.
     pub order_runbook_allowlist: Vec<String>,
 }
@@ -655,6 +659,13 @@ fn resolve(raw: RawConfig, source: ConfigSource, env: &dyn Env) -> Result<Config
             ),
         );
     }
+    let restart_cooldown_sec = raw.restart_cooldown_sec.unwrap_or(30);
+    if restart_cooldown_sec > 86_400 {
+        issues.add(
+            "restart_cooldown_sec",
+            format!("{restart_cooldown_sec} is out of range; use 0 to 86400 seconds (default 30)"),
+        );
+    }
     let order_max_clock_skew_sec = raw.order_max_clock_skew_sec.unwrap_or(300);
     if order_max_clock_skew_sec > 3600 {
         issues.add(
@@ -820,6 +831,7 @@ fn resolve(raw: RawConfig, source: ConfigSource, env: &dyn Env) -> Result<Config
         upload_max_attempts,
         order_max_clock_skew_sec,
         health_check_timeout_sec,
+        restart_cooldown_sec,
         order_runbook_allowlist,
     })
 }

@@ -3,8 +3,6 @@
 //! watchdog restarting a hung loop, SIGHUP with a bad configuration, a clean stop.
 
 mod common;
-// Shared with the appliance tests; this file uses part of it.
-#[allow(dead_code)]
 #[path = "common/agent_box.rs"]
 mod agent_box;
 #[path = "common/harness.rs"]
@@ -16,7 +14,7 @@ use agent_box::{AgentBox, CONFIG, STATE, Setup};
 use common::{TestResult, text};
 use serde_json::Value;
 
-const UNIT: &str = "compliance-agent.service";
+const UNIT: &str = agent_box::SERVICE;
 const TEXTFILE: &str = "/var/lib/prometheus/node-exporter";
 
 fn service_box(name: &str) -> AgentBox {
@@ -27,26 +25,12 @@ fn service_box(name: &str) -> AgentBox {
     };
     let b = AgentBox::boot(name, &setup);
     b.sh(&format!("chown {0}:{0} {TEXTFILE}", agent_box::USER));
-    b.write(
-        &format!("/etc/systemd/system/{UNIT}"),
-        &format!(
-            "[Unit]\nDescription=HIPAA compliance agent\n[Service]\nType=notify\nUser={}\nExecStart={} --config {CONFIG} run --scan-interval 30\nWatchdogSec=3\nRestart=on-failure\nRestartSec=1\nTimeoutStopSec=10\nEnvironment=COMPLIANCE_AGENT_TEST_HOOKS=1\n",
-            agent_box::USER,
-            harness::Appliance::AGENT_BIN
-        ),
-    );
-    b.sh("systemctl daemon-reload");
-    // Type=notify: start returns once the agent sent READY=1.
-    b.sh(&format!("systemctl start {UNIT}"));
+    b.start_service("--scan-interval 30");
     b
 }
 
 fn bundles(b: &AgentBox, check: &str) -> Vec<Value> {
-    let out = b.agent(&["evidence", "list", "--check", check, "--json"]);
-    serde_json::from_slice::<Value>(&out.stdout)
-        .ok()
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
+    b.bundles(check)
 }
 
 #[test]

@@ -161,6 +161,16 @@ pub fn allowlist(baseline: &Baseline) -> Vec<String> {
     units
 }
 
+/// The cooldown of a runbook on this box: restarts and stops as configured.
+fn cooldown(runbook: &Runbook, config: &Config) -> Duration {
+    match runbook {
+        Runbook::RestartUnit(_) | Runbook::StopUnit(_) => {
+            Duration::from_secs(config.restart_cooldown_sec)
+        }
+        other => other.cooldown(),
+    }
+}
+
 /// Decides, for every drifted check, what to do now.
 pub fn plan(
     results: &[CheckResult],
@@ -216,7 +226,7 @@ pub fn plan(
                     window_opens: config.maintenance_window.next_start(now).timestamp(),
                 }
             } else if let Some(last) = state.last_run.get(&runbook.cooldown_key())
-                && let Ok(until) = last.checked_add(runbook.cooldown())
+                && let Ok(until) = last.checked_add(cooldown(&runbook, config))
                 && until > now
             {
                 Decision::Cooldown { until }

@@ -2,9 +2,9 @@
 //! status, healing a watched unit as soon as it dies, metrics through the node exporter, the
 //! watchdog restarting a hung loop, SIGHUP with a bad configuration, a clean stop.
 
-mod common;
 #[path = "common/agent_box.rs"]
 mod agent_box;
+mod common;
 #[path = "common/harness.rs"]
 mod harness;
 
@@ -160,6 +160,134 @@ fn the_watchdog_restarts_a_hung_loop_and_a_bad_reload_is_refused() -> TestResult
         "systemd names the watchdog: {}",
         b.app.journal(UNIT)
     );
+    b.verify();
+    Ok(())
+}
+
+#[test]
+fn evidence_reaches_the_mcp_across_an_outage_and_orders_run() -> TestResult {
+    let mcp = "mcp_url = \"https://127.0.0.1:8443\"\nca_cert_file = \"/etc/mcp-pki/ca.pem\"\nclient_cert_file = \"/etc/mcp-pki/client.pem\"\nclient_key_file = \"/etc/mcp-pki/client.key\"\nmcp_order_pubkey_file = \"/var/lib/mcp/order-signing.pub.pem\"\nmcp_poll_interval_sec = 5\nupload_backoff_base_sec = 1\nupload_backoff_cap_sec = 4\nrestart_cooldown_sec = 0\n";
+    let b = AgentBox::boot(
+        "mcp",
+        &Setup {
+            extra_config: mcp,
+            ..Setup::default()
+        },
+    );
+    let server = "/opt/agent-bin/mcp-server";
+    b.sh(&format!(
+        "{server} pki --out /etc/mcp-pki --client-name clinic-h/appliance >/dev/null && chmod 0644 /etc/mcp-pki/client.key && \
+         {server} init --state /var/lib/mcp >/dev/null && \
+         {server} enroll --state /var/lib/mcp --site clinic-h --host appliance --pubkey {STATE}/keys/signing.pub.pem >/dev/null"
+    ));
+    let serve = format!(
+        "systemd-run --unit mcp-server --collect {server} serve --state /var/lib/mcp --listen 127.0.0.1:8443 --cert /etc/mcp-pki/server.pem --key /etc/mcp-pki/server.key --client-ca /etc/mcp-pki/ca.pem >/dev/null"
+    );
+    b.sh(&serve);
+    b.start_service("--scan-interval 30");
+    let on_server = |a: &harness::Appliance| -> Value {
+        let out = a.exec(&[
+            server,
+            "list",
+            "--state",
+            "/var/lib/mcp",
+            "--site",
+            "clinic-h",
+            "--host",
+            "appliance",
+            "--json",
+        ]);
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    let local_ids = |b: &AgentBox| -> Vec<String> {
+        let out = b.agent(&["evidence", "list", "--json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let mut ids: Vec<String> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x["bundle_id"].as_str().map(str::to_owned))
+            .collect();
+        ids.sort();
+        ids
+    };
+    let server_ids = |a: &harness::Appliance| -> Vec<String> {
+        let mut ids: Vec<String> = on_server(a)["bundles"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| {
+                x["bundle_id"]
+                    .as_str()
+                    .or_else(|| x.as_str())
+                    .map(str::to_owned)
+            })
+            .collect();
+        ids.sort();
+        ids
+    };
+    b.app.wait_for(
+        "the first scan's bundles on the MCP",
+        Duration::from_secs(60),
+        |a| {
+            let local = local_ids(&b);
+            !local.is_empty() && server_ids(a) == local
+        },
+    )?;
+
+    // The MCP goes away; the box keeps healing and keeps the evidence.
+    b.sh("systemctl stop mcp-server");
+    for _ in 0..3 {
+        let before = bundles(&b, "services").len();
+        b.sh("systemctl stop clinic-app.service");
+        b.app.wait_for(
+            "healed while the MCP is down",
+            Duration::from_secs(10),
+            |a| {
+                a.unit_property("clinic-app.service", "ActiveState") == "active"
+                    && bundles(&b, "services").len() > before
+            },
+        )?;
+    }
+    let made_offline = local_ids(&b).len() - server_ids(&b.app).len();
+    assert!(
+        made_offline >= 3,
+        "bundles made while the MCP was down: {made_offline}"
+    );
+    b.app
+        .wait_for("the outage in the status", Duration::from_secs(30), |a| {
+            a.exec(&[
+                harness::Appliance::AGENT_BIN,
+                "--config",
+                CONFIG,
+                "status",
+                "--json",
+            ])
+            .stdout
+            .windows(14)
+            .any(|w| w == b"last_mcp_error")
+        })?;
+    b.sh(&serve);
+    b.app.wait_for(
+        "every bundle delivered after the outage",
+        Duration::from_secs(90),
+        |a| server_ids(a) == local_ids(&b),
+    )?;
+    let ids = server_ids(&b.app);
+    let mut unique = ids.clone();
+    unique.dedup();
+    assert_eq!(ids, unique, "each bundle once on the MCP");
+
+    // An order from the MCP runs and its result arrives.
+    let order = b.sh(&format!("{server} order --state /var/lib/mcp --site clinic-h --host appliance --runbook collect_evidence"));
+    let order_id = order.trim().to_owned();
+    b.app.wait_for(
+        "the order's result on the MCP",
+        Duration::from_secs(60),
+        |a| on_server(a)["results"].to_string().contains(&order_id),
+    )?;
+    b.sh(&format!("systemctl stop {UNIT}"));
+    assert_eq!(b.app.unit_property(UNIT, "Result"), "success");
     b.verify();
     Ok(())
 }

@@ -364,6 +364,22 @@ else
   pass "root-helpers.nix refuses a ruleset path with shell metacharacters"
 fi
 
+section "Grafana dashboard (modules/dashboards/)"
+if python3 - modules/dashboards/msp-hipaa-compliance.json agent/src/metrics.rs <<'PYEOF'
+import json, re, sys
+dash = json.load(open(sys.argv[1]))
+exported = set(re.findall(r"msp_[a-z_]+", open(sys.argv[2]).read()))
+panels = dash["panels"]
+assert len(panels) >= 10, f"{len(panels)} panels, the platform spec asks for 10"
+for p in panels:
+    for t in p["targets"]:
+        for name in re.findall(r"msp_[a-z_]+", t["expr"]):
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            assert name in exported or base in exported, f"panel {p['title']!r} queries {name}, which the agent does not export"
+print(f"{len(panels)} panels, every query names a metric the agent exports")
+PYEOF
+then pass "dashboard: 10+ panels on exported metrics"; else fail "dashboard does not match the exported metrics"; fi
+
 section "flake.lock pins (see docs/nixpkgs-pin.md for the public sources)"
 if [ -f flake.lock ]; then
   if "$PY" - flake.lock >"$WORK/lock.out" 2>&1 <<'PYEOF'

@@ -14,8 +14,14 @@
     import json
 
     def received():
-        out = mcp.succeed("mcp-server evidence list --data-dir $MCP_DATA_DIR --json")
-        return {b["bundle_id"] for b in json.loads(out)}
+        out = mcp.succeed("mcp-server list --state $MCP_DATA_DIR --site test-site --host machine --json")
+        return set(json.loads(out)["bundles"])
+
+    def enroll():
+        key = machine.succeed("cat /var/lib/compliance-agent-keys/signing.pub.pem")
+        mcp.succeed(f"cat > /tmp/machine.pub.pem <<'EOF'\n{key}EOF")
+        mcp.succeed("mcp-server enroll --state $MCP_DATA_DIR --site test-site --host machine --pubkey /tmp/machine.pub.pem")
+
 
     def local_bundles():
         out = machine.succeed("compliance-agent-admin evidence list --json")
@@ -25,6 +31,7 @@
     mcp.wait_for_unit("mcp-server.service")
     mcp.wait_for_open_port(8443)
     machine.wait_for_unit("compliance-agent.service")
+    enroll()
 
     with subtest("negative: the MCP refuses clients without a certificate from its CA"):
         machine.fail("curl --silent --fail --cacert ${fixtures.pki}/ca.pem https://mcp:8443/api/v1/health")
@@ -41,7 +48,7 @@
         machine.succeed("systemctl stop clinic-app.service")
         machine.wait_until_succeeds("systemctl is-active clinic-app.service", timeout=180)
         machine.wait_until_succeeds(
-            "compliance-agent-admin queue status --json | jq -e '.pending == 0'", timeout=180
+            "compliance-agent-admin queue status --json | jq -e '.stats.pending == 0'", timeout=180
         )
         missing = local_bundles() - received()
         assert not missing, f"expected every local bundle at the MCP, missing {missing}"
@@ -51,20 +58,20 @@
         machine.succeed("systemctl stop clinic-app.service")
         machine.wait_until_succeeds("systemctl is-active clinic-app.service", timeout=180)
         machine.wait_until_succeeds(
-            "compliance-agent-admin queue status --json | jq -e '.pending > 0'", timeout=120
+            "compliance-agent-admin queue status --json | jq -e '.stats.pending > 0'", timeout=120
         )
         mcp.systemctl("start mcp-server.service")
         mcp.wait_for_open_port(8443)
         machine.wait_until_succeeds(
-            "compliance-agent-admin queue status --json | jq -e '.pending == 0'", timeout=300
+            "compliance-agent-admin queue status --json | jq -e '.stats.pending == 0'", timeout=300
         )
         missing = local_bundles() - received()
         assert not missing, f"expected the queued bundles at the MCP after its return, missing {missing}"
 
-    with subtest("every bundle the MCP holds verifies against the box's key"):
-        mcp.succeed("mkdir -p /tmp/keys")
-        key = machine.succeed("cat /var/lib/compliance-agent-keys/signing.pub.pem")
-        mcp.succeed(f"cat > /tmp/keys/signing.pub.pem <<'EOF'\n{key}EOF")
-        mcp.succeed("mcp-server evidence verify --data-dir $MCP_DATA_DIR --pubkey /tmp/keys/signing.pub.pem")
+    with subtest("the MCP holds each bundle once, and the box's chain verifies"):
+        # The server checks each upload's signature against the enrolled key and its chain link.
+        out = json.loads(mcp.succeed("mcp-server list --state $MCP_DATA_DIR --site test-site --host machine --json"))
+        assert len(out["bundles"]) == len(set(out["bundles"])), f"expected no duplicates, got {out['bundles']}"
+        machine.succeed("compliance-agent-admin evidence verify")
   '';
 }

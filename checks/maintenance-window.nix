@@ -27,9 +27,14 @@
 
     def issue():
         return mcp.succeed(
-            "mcp-server order issue --data-dir $MCP_DATA_DIR --site test-site --host machine"
+            "mcp-server order --state $MCP_DATA_DIR --site test-site --host machine"
             " --runbook restart_unit --params '{\"unit\": \"clinic-app.service\"}' --ttl 3600"
         ).strip()
+
+    def enroll():
+        key = machine.succeed("cat /var/lib/compliance-agent-keys/signing.pub.pem")
+        mcp.succeed(f"cat > /tmp/machine.pub.pem <<'EOF'\n{key}EOF")
+        mcp.succeed("mcp-server enroll --state $MCP_DATA_DIR --site test-site --host machine --pubkey /tmp/machine.pub.pem")
 
     def outcome_of(order_id):
         machine.wait_until_succeeds(
@@ -43,6 +48,7 @@
     mcp.wait_for_unit("mcp-server.service")
     machine.wait_for_unit("compliance-agent.service")
     machine.wait_for_unit("clinic-app.service")
+    enroll()
 
     with subtest("outside the window the fix is deferred"):
         # 12:00 UTC, well outside 02:00-04:00; both nodes agree on the date.

@@ -1,6 +1,7 @@
 # The `mcp` node: the workspace's reference MCP server over mTLS on 8443,
 # trusting only the test CA, signing orders with the test order key.
-# Command-line contract of mcp-server: docs/DECISIONS.md ("What the VM tests expect").
+# The server's own CLI (tests/mcp-server): init, enroll, serve, order, list.
+# Its state starts with the fixture order key, which the agent nodes pin.
 {
   lib,
   pkgs,
@@ -22,15 +23,21 @@ in
     description = "Reference MCP server (tests)";
     wantedBy = [ "multi-user.target" ];
     after = [ "network.target" ];
+    preStart = ''
+      if [ ! -e ${dataDir}/order-signing.key ]; then
+        install -m 0600 ${fixtures.pki}/order-signing.key ${dataDir}/order-signing.key
+        install -m 0644 ${fixtures.pki}/order-signing.pub.pem ${dataDir}/order-signing.pub.pem
+      fi
+      ${fixtures.mcpServer}/bin/mcp-server init --state ${dataDir}
+    '';
     serviceConfig = {
       ExecStart = lib.concatStringsSep " " [
         "${fixtures.mcpServer}/bin/mcp-server serve"
+        "--state ${dataDir}"
         "--listen 0.0.0.0:8443"
         "--cert ${fixtures.pki}/server.pem"
         "--key ${fixtures.pki}/server.key"
         "--client-ca ${fixtures.pki}/ca.pem"
-        "--order-key ${fixtures.pki}/order-signing.key"
-        "--data-dir ${dataDir}"
       ];
       StateDirectory = "mcp-server";
     };

@@ -85,6 +85,9 @@ pub struct Summary {
     pub outcome: Outcome,
     pub hipaa_controls: Vec<String>,
     pub error: Option<String>,
+    pub order_id: Option<String>,
+    pub runbook_id: Option<String>,
+    pub rollback_generation: Option<u64>,
     pub dir: PathBuf,
 }
 
@@ -115,6 +118,9 @@ pub fn list(root: &Path, filter: &Filter) -> Result<Vec<Summary>> {
                 outcome: b.outcome,
                 hipaa_controls: b.hipaa_controls,
                 error: b.error,
+                order_id: b.order_id,
+                runbook_id: b.runbook_id,
+                rollback_generation: b.rollback_generation,
                 dir: dir.path,
             });
         }

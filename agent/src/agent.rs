@@ -274,13 +274,7 @@ fn summary(results: &[CheckResult], queue: Option<&QueueStats>) -> String {
 
 /// Runs until SIGTERM or SIGINT.
 pub fn run(options: RunOptions) -> Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| Error::Io {
-            context: "cannot start the async runtime".into(),
-            source,
-        })?;
+    let runtime = crate::runtime()?;
     runtime.block_on(main_loop(options))
 }
 

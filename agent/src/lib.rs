@@ -35,3 +35,15 @@ pub mod schedule;
 pub mod systemd;
 
 pub use error::{Error, Result};
+
+/// The small runtime every async command runs on: one thread, plus tokio's
+/// blocking pool for SQLite, the MCP client and fsync.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Io {
+            context: "cannot start the async runtime".into(),
+            source,
+        })
+}

@@ -293,9 +293,7 @@ fn dispatch(order: &Order, ctx: &mut OrderContext<'_>) -> RunbookResult {
                 }
             };
             // The healing engine's runbooks are async (D-Bus); orders are handled off the async threads.
-            let run = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
+            let run = crate::runtime()
                 .map(|rt| rt.block_on(crate::heal::run_order(ctx.config, &runbook, ctx.now)));
             match run {
                 Ok(r) => RunbookResult {

@@ -131,13 +131,7 @@ pub struct ScanOptions<'a> {
 pub fn run_scan(config: &Config, options: &ScanOptions<'_>) -> Result<ExitCode> {
     let (write_evidence, json) = (options.write_evidence, options.json);
     let (baseline, baseline_path) = load_baseline(config, options.baseline, options.root)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| Error::Io {
-            context: "cannot start the async runtime".into(),
-            source,
-        })?;
+    let runtime = crate::runtime()?;
     let mut results = runtime.block_on(run_checks(&baseline, options.root));
     if baseline_path.is_none() {
         for r in results
@@ -364,13 +358,7 @@ pub fn run_heal(
 ) -> Result<ExitCode> {
     use crate::heal::{Decision, Engine, HealState};
     let (baseline, _) = load_baseline(config, baseline_arg, Path::new("/"))?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| Error::Io {
-            context: "cannot start the async runtime".into(),
-            source,
-        })?;
+    let runtime = crate::runtime()?;
     runtime.block_on(async {
         let systemd = Systemd::system()
             .await

@@ -207,6 +207,18 @@ pub fn valid_unit_name(name: &str) -> bool {
             .any(|s| name.len() > s.len() && name.ends_with(s))
 }
 
+/// A proxy on `path` that reads properties afresh on each call (no cache, no signal subscription).
+async fn uncached<'a, T>(conn: &'a zbus::Connection, path: OwnedObjectPath) -> zbus::Result<T>
+where
+    T: From<zbus::Proxy<'a>> + zbus::proxy::Defaults,
+{
+    zbus::proxy::Builder::<T>::new(conn)
+        .path(path)?
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+}
+
 /// A connection to systemd on the system bus (`DBUS_SYSTEM_BUS_ADDRESS` is honoured).
 #[derive(Clone)]
 pub struct Systemd {
@@ -263,13 +275,7 @@ impl Systemd {
             unit: name.into(),
             source,
         };
-        let unit = UnitProxy::builder(&self.conn)
-            .path(path.clone())
-            .map_err(err)?
-            .cache_properties(zbus::proxy::CacheProperties::No)
-            .build()
-            .await
-            .map_err(err)?;
+        let unit: UnitProxy<'_> = uncached(&self.conn, path.clone()).await.map_err(err)?;
         let (load_state, active_state, sub_state) = (
             unit.load_state().await.map_err(err)?,
             unit.active_state().await.map_err(err)?,
@@ -294,25 +300,13 @@ impl Systemd {
             return Ok(state);
         }
         if name.ends_with(".service") {
-            let svc = ServiceProxy::builder(&self.conn)
-                .path(path)
-                .map_err(err)?
-                .cache_properties(zbus::proxy::CacheProperties::No)
-                .build()
-                .await
-                .map_err(err)?;
+            let svc: ServiceProxy<'_> = uncached(&self.conn, path).await.map_err(err)?;
             state.result = svc.result().await.ok();
             state.n_restarts = svc.n_restarts().await.ok();
             state.exec_main_status = svc.exec_main_status().await.ok();
             state.exec_main_exit = svc.exec_main_exit_timestamp().await.ok().and_then(usec);
         } else if name.ends_with(".timer") {
-            let timer = TimerProxy::builder(&self.conn)
-                .path(path)
-                .map_err(err)?
-                .cache_properties(zbus::proxy::CacheProperties::No)
-                .build()
-                .await
-                .map_err(err)?;
+            let timer: TimerProxy<'_> = uncached(&self.conn, path).await.map_err(err)?;
             state.timer = Some(TimerState {
                 result: timer.result().await.unwrap_or_default(),
                 last_trigger: usec(timer.last_trigger_usec().await.unwrap_or(0)),

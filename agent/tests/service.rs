@@ -59,7 +59,10 @@ fn the_service_heals_a_dying_unit_at_once_and_exports_metrics() -> TestResult {
         took < Duration::from_secs(5),
         "reacted to the unit's death without waiting for a scan: {took:?}"
     );
-    assert!(b.app.journal(UNIT).contains("watched unit changed"), "the unit signal, not a scan, triggered the fix");
+    assert!(
+        b.app.journal(UNIT).contains("watched unit changed"),
+        "the unit signal, not a scan, triggered the fix"
+    );
     let newest = &bundles(&b, "services")[0];
     assert_eq!(newest["outcome"], "success", "{newest}");
 

@@ -295,6 +295,9 @@ in
           extraConfig = ''
             # Alarm: any clock correction larger than the limit is logged.
             logchange ${offsetLimitSeconds}
+            # Step a clock more than 1 s off in the first updates after a start,
+            # so the agent's resync_time (a restart, through polkit) corrects it.
+            makestep 1 3
           '';
         };
         systemd.services.compliance-time-offset-check = {

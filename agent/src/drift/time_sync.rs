@@ -89,7 +89,7 @@ pub async fn check(ctx: &Context<'_>, spec: &TimeSync, mut a: Assessment) -> Ass
                     Severity::High,
                     format!("chronyd is not synchronised (reference {})", t.reference),
                 );
-                a.recommend("resync_time", json!({}));
+                a.recommend("resync_time", json!({ "unit": spec.unit }));
             }
             if offset_ms > spec.max_offset_ms {
                 a.drift(
@@ -99,7 +99,7 @@ pub async fn check(ctx: &Context<'_>, spec: &TimeSync, mut a: Assessment) -> Ass
                         spec.max_offset_ms
                     ),
                 );
-                a.recommend("resync_time", json!({}));
+                a.recommend("resync_time", json!({ "unit": spec.unit }));
             }
             if t.stratum > spec.max_stratum || t.stratum == 0 {
                 a.drift(

@@ -30,6 +30,15 @@ pub struct FirewallParams {
     pub unit: Option<String>,
 }
 
+/// `resync_time`: chronyd's unit, restarted (its `makestep` steps the clock)
+/// when `chronyc makestep` is not allowed, as for an unprivileged agent.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeParams {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SwitchParams {
@@ -76,7 +85,7 @@ pub enum Runbook {
     RunBackup(UnitParams),
     RestoreTest(UnitParams),
     RefreshAvSignatures(NoParams),
-    ResyncTime(NoParams),
+    ResyncTime(TimeParams),
     SwitchGeneration(SwitchParams),
     RollbackGeneration(NoParams),
     CollectEvidence(NoParams),
@@ -130,7 +139,15 @@ impl Runbook {
             "run_backup" => Runbook::RunBackup(unit(id, value)?),
             "restore_test" => Runbook::RestoreTest(unit(id, value)?),
             "refresh_av_signatures" => Runbook::RefreshAvSignatures(params(id, value)?),
-            "resync_time" => Runbook::ResyncTime(params(id, value)?),
+            "resync_time" => {
+                let p: TimeParams = params(id, value)?;
+                if let Some(u) = &p.unit
+                    && !valid_unit_name(u)
+                {
+                    return Err(format!("runbook {id}: {u:?} is not a unit name"));
+                }
+                Runbook::ResyncTime(p)
+            }
             "switch_generation" => {
                 let p: SwitchParams = params(id, value)?;
                 p.instance().map_err(|e| format!("runbook {id}: {e}"))?;
@@ -177,6 +194,7 @@ impl Runbook {
             | Runbook::RunBackup(p)
             | Runbook::RestoreTest(p) => Some(&p.unit),
             Runbook::ReapplyFirewall(p) => p.unit.as_deref(),
+            Runbook::ResyncTime(p) => p.unit.as_deref(),
             _ => None,
         }
     }
@@ -395,8 +413,15 @@ pub async fn execute(runbook: &Runbook, systemd: &Systemd) -> Steps {
         Runbook::RefreshAvSignatures(_) => {
             steps.job(systemd, JobOp::Start, FRESHCLAM_UNIT).await;
         }
-        Runbook::ResyncTime(_) => {
-            steps.command("makestep", "chronyc", &["makestep"]).await;
+        Runbook::ResyncTime(p) => {
+            let stepped = steps.command("makestep", "chronyc", &["makestep"]).await;
+            if !stepped && let Some(unit) = &p.unit {
+                // Not allowed to command chronyd: restart it, and its makestep directive steps the clock.
+                steps.failed = None;
+                if steps.job(systemd, JobOp::Restart, unit).await {
+                    steps.wait_active(systemd, unit).await;
+                }
+            }
         }
         Runbook::SwitchGeneration(p) => match p.instance() {
             Ok(instance) => {

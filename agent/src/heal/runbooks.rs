@@ -23,18 +23,13 @@ pub struct UnitParams {
 #[serde(deny_unknown_fields)]
 pub struct NoParams {}
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct FirewallParams {
-    #[serde(default)]
-    pub unit: Option<String>,
-}
-
-/// `resync_time`: chronyd's unit, restarted (its `makestep` steps the clock)
-/// when `chronyc makestep` is not allowed, as for an unprivileged agent.
+/// A unit the runbook may fall back on: nftables' unit for `reapply_firewall`
+/// (default nftables.service); chronyd's for `resync_time`, restarted (its
+/// `makestep` steps the clock) when `chronyc makestep` is not allowed, as for
+/// an unprivileged agent.
 #[derive(Clone, Debug, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct TimeParams {
+pub struct OptionalUnit {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit: Option<String>,
 }
@@ -81,11 +76,11 @@ impl SwitchParams {
 pub enum Runbook {
     RestartUnit(UnitParams),
     StopUnit(UnitParams),
-    ReapplyFirewall(FirewallParams),
+    ReapplyFirewall(OptionalUnit),
     RunBackup(UnitParams),
     RestoreTest(UnitParams),
     RefreshAvSignatures(NoParams),
-    ResyncTime(TimeParams),
+    ResyncTime(OptionalUnit),
     SwitchGeneration(SwitchParams),
     RollbackGeneration(NoParams),
     CollectEvidence(NoParams),
@@ -121,33 +116,27 @@ fn unit(id: &str, value: &Value) -> Result<UnitParams, String> {
     Ok(p)
 }
 
+fn optional_unit(id: &str, value: &Value) -> Result<OptionalUnit, String> {
+    let p: OptionalUnit = params(id, value)?;
+    if let Some(u) = &p.unit
+        && !valid_unit_name(u)
+    {
+        return Err(format!("runbook {id}: {u:?} is not a unit name"));
+    }
+    Ok(p)
+}
+
 impl Runbook {
     /// Validates `params` against the runbook's schema.
     pub fn parse(id: &str, value: &Value) -> Result<Self, String> {
         Ok(match id {
             "restart_unit" => Runbook::RestartUnit(unit(id, value)?),
             "stop_unit" => Runbook::StopUnit(unit(id, value)?),
-            "reapply_firewall" => {
-                let p: FirewallParams = params(id, value)?;
-                if let Some(u) = &p.unit
-                    && !valid_unit_name(u)
-                {
-                    return Err(format!("runbook {id}: {u:?} is not a unit name"));
-                }
-                Runbook::ReapplyFirewall(p)
-            }
+            "reapply_firewall" => Runbook::ReapplyFirewall(optional_unit(id, value)?),
             "run_backup" => Runbook::RunBackup(unit(id, value)?),
             "restore_test" => Runbook::RestoreTest(unit(id, value)?),
             "refresh_av_signatures" => Runbook::RefreshAvSignatures(params(id, value)?),
-            "resync_time" => {
-                let p: TimeParams = params(id, value)?;
-                if let Some(u) = &p.unit
-                    && !valid_unit_name(u)
-                {
-                    return Err(format!("runbook {id}: {u:?} is not a unit name"));
-                }
-                Runbook::ResyncTime(p)
-            }
+            "resync_time" => Runbook::ResyncTime(optional_unit(id, value)?),
             "switch_generation" => {
                 let p: SwitchParams = params(id, value)?;
                 p.instance().map_err(|e| format!("runbook {id}: {e}"))?;
@@ -193,8 +182,7 @@ impl Runbook {
             | Runbook::StopUnit(p)
             | Runbook::RunBackup(p)
             | Runbook::RestoreTest(p) => Some(&p.unit),
-            Runbook::ReapplyFirewall(p) => p.unit.as_deref(),
-            Runbook::ResyncTime(p) => p.unit.as_deref(),
+            Runbook::ReapplyFirewall(p) | Runbook::ResyncTime(p) => p.unit.as_deref(),
             _ => None,
         }
     }

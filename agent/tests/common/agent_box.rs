@@ -42,7 +42,8 @@ pub struct AgentBox {
 /// Settings of one test's box.
 pub struct Setup<'a> {
     pub health: &'a [&'a str],
-    pub window: &'a str,
+    /// The maintenance window; None: one that is open now (from an hour ago to an hour ahead, UTC).
+    pub window: Option<&'a str>,
     pub target_system: Option<&'a str>,
     /// Units the polkit rule lets the agent start and restart.
     pub polkit_units: &'a [&'a str],
@@ -54,7 +55,7 @@ impl Default for Setup<'_> {
     fn default() -> Self {
         Setup {
             health: &[],
-            window: "00:00-23:59",
+            window: None,
             target_system: None,
             polkit_units: &[
                 "clinic-app.service",
@@ -66,6 +67,17 @@ impl Default for Setup<'_> {
             extra_config: "",
         }
     }
+}
+
+/// A maintenance window that is open now, whatever the time of day.
+fn open_now() -> String {
+    let now = jiff::Zoned::now().with_time_zone(jiff::tz::TimeZone::UTC);
+    let at = |hours: i64| {
+        now.checked_add(jiff::SignedDuration::from_hours(hours))
+            .map(|t| format!("{:02}:{:02}", t.hour(), t.minute()))
+            .unwrap_or_else(|_| "00:00".into())
+    };
+    format!("{}-{}", at(-1), at(1))
 }
 
 impl AgentBox {
@@ -159,7 +171,8 @@ impl AgentBox {
             CONFIG,
             &format!(
                 "site_id = \"clinic-h\"\nhost_id = \"appliance\"\nsigning_key_file = \"{STATE}/keys/signing.key\"\nstate_dir = \"{STATE}\"\nevidence_dir = \"{STATE}/evidence\"\nbaseline_path = \"{BASELINE}\"\nmaintenance_window = \"{}\"\nservice_health_checks = [{health}]\nhealth_check_timeout_sec = 3\n{}",
-                s.window, s.extra_config
+                s.window.map_or_else(open_now, str::to_owned),
+                s.extra_config
             ),
         );
         let baseline = json!({

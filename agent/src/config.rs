@@ -429,6 +429,28 @@ fn valid_id(id: &str) -> bool {
 struct Issues(Vec<ConfigIssue>);
 
 impl Issues {
+    /// A number of seconds within `range`, `default` when unset; out of range is an issue.
+    fn seconds(
+        &mut self,
+        key: &str,
+        value: Option<u64>,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> u64 {
+        let v = value.unwrap_or(default);
+        if !range.contains(&v) {
+            self.add(
+                key,
+                format!(
+                    "{v} is out of range; use {} to {} seconds (default {default})",
+                    range.start(),
+                    range.end()
+                ),
+            );
+        }
+        v
+    }
+
     fn add(&mut self, key: &str, message: impl Into<String>) {
         self.0.push(ConfigIssue {
             key: key.to_owned(),
@@ -618,22 +640,18 @@ fn resolve(raw: RawConfig, source: ConfigSource, env: &dyn Env) -> Result<Config
         }
     }
 
-    let mcp_poll_interval_sec = raw.mcp_poll_interval_sec.unwrap_or(60);
-    if !(5..=86_400).contains(&mcp_poll_interval_sec) {
-        issues.add(
-            "mcp_poll_interval_sec",
-            format!("{mcp_poll_interval_sec} is out of range; use 5 to 86400 seconds"),
-        );
-    }
-    let upload_backoff_base_sec = raw.upload_backoff_base_sec.unwrap_or(30);
-    if !(1..=86_400).contains(&upload_backoff_base_sec) {
-        issues.add(
-            "upload_backoff_base_sec",
-            format!(
-                "{upload_backoff_base_sec} is out of range; use 1 to 86400 seconds (default 30)"
-            ),
-        );
-    }
+    let mcp_poll_interval_sec = issues.seconds(
+        "mcp_poll_interval_sec",
+        raw.mcp_poll_interval_sec,
+        60,
+        5..=86_400,
+    );
+    let upload_backoff_base_sec = issues.seconds(
+        "upload_backoff_base_sec",
+        raw.upload_backoff_base_sec,
+        30,
+        1..=86_400,
+    );
     let upload_backoff_cap_sec = raw.upload_backoff_cap_sec.unwrap_or(3600);
     if upload_backoff_cap_sec < upload_backoff_base_sec || upload_backoff_cap_sec > 604_800 {
         issues.add(
@@ -650,31 +668,24 @@ fn resolve(raw: RawConfig, source: ConfigSource, env: &dyn Env) -> Result<Config
             "must be at least 1 (default 10 refusals by the MCP before a bundle is parked)",
         );
     }
-    let health_check_timeout_sec = raw.health_check_timeout_sec.unwrap_or(60);
-    if !(1..=3600).contains(&health_check_timeout_sec) {
-        issues.add(
-            "health_check_timeout_sec",
-            format!(
-                "{health_check_timeout_sec} is out of range; use 1 to 3600 seconds (default 60)"
-            ),
-        );
-    }
-    let restart_cooldown_sec = raw.restart_cooldown_sec.unwrap_or(30);
-    if restart_cooldown_sec > 86_400 {
-        issues.add(
-            "restart_cooldown_sec",
-            format!("{restart_cooldown_sec} is out of range; use 0 to 86400 seconds (default 30)"),
-        );
-    }
-    let order_max_clock_skew_sec = raw.order_max_clock_skew_sec.unwrap_or(300);
-    if order_max_clock_skew_sec > 3600 {
-        issues.add(
-            "order_max_clock_skew_sec",
-            format!(
-                "{order_max_clock_skew_sec} is out of range; use 0 to 3600 seconds (default 300)"
-            ),
-        );
-    }
+    let health_check_timeout_sec = issues.seconds(
+        "health_check_timeout_sec",
+        raw.health_check_timeout_sec,
+        60,
+        1..=3600,
+    );
+    let restart_cooldown_sec = issues.seconds(
+        "restart_cooldown_sec",
+        raw.restart_cooldown_sec,
+        30,
+        0..=86_400,
+    );
+    let order_max_clock_skew_sec = issues.seconds(
+        "order_max_clock_skew_sec",
+        raw.order_max_clock_skew_sec,
+        300,
+        0..=3600,
+    );
     let order_runbook_allowlist = raw
         .order_runbook_allowlist
         .unwrap_or_else(|| vec![crate::orders::COLLECT_EVIDENCE.to_owned()]);

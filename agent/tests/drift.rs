@@ -847,3 +847,49 @@ fn scan_writes_one_verifiable_bundle_per_applicable_check() -> TestResult {
     assert!(verify.status.success(), "{}", text(&verify.stdout));
     Ok(())
 }
+
+#[test]
+fn a_missing_binary_is_an_error_with_the_reason() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let config = configured_box(tmp.path());
+    let mut b = empty_baseline();
+    b.checks.time_sync = Some(baseline::TimeSync {
+        unit: None,
+        servers: Vec::new(),
+        max_offset_ms: 5000,
+        max_stratum: 10,
+    });
+    let path = tmp.path().join("baseline.json");
+    fs::write(&path, serde_json::to_vec(&b)?)?;
+    let out = Command::new(agent_bin())
+        .args([
+            "--config",
+            config.to_str().ok_or("utf8")?,
+            "scan",
+            "--no-evidence",
+            "--json",
+            "--baseline",
+            path.to_str().ok_or("utf8")?,
+        ])
+        .env("PATH", tmp.path().join("empty-path"))
+        .output()?;
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a check that cannot run exits 2: {}",
+        text(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let r = report["results"]
+        .as_array()
+        .and_then(|r| r.iter().find(|x| x["check"] == "time_sync"))
+        .ok_or("time_sync")?;
+    assert_eq!(r["status"], "error", "{r}");
+    assert!(
+        r["reason"]
+            .as_str()
+            .is_some_and(|x| x.contains("cannot run chronyc")),
+        "{r}"
+    );
+    Ok(())
+}

@@ -250,11 +250,6 @@ pub fn verify_file(key: &VerifyingKey, data_path: &Path, sig_path: &Path) -> std
     Ok(key.verify(&data, &sig).is_ok())
 }
 
-/// Signs a file's bytes.
-pub fn sign_file(key: &SigningKey, data_path: &Path) -> std::io::Result<[u8; SIGNATURE_LEN]> {
-    Ok(key.sign(&fs::read(data_path)?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

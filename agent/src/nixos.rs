@@ -1,7 +1,7 @@
 //! The running NixOS system: which closure it is, its NAR hash and the revisions it was built from.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -64,9 +64,5 @@ impl RunningSystem {
             },
             nixos_revision: read_trimmed(&target.join("nixos-version")),
         }
-    }
-
-    pub fn store_path(&self) -> Option<PathBuf> {
-        self.identity.store_path.as_ref().map(PathBuf::from)
     }
 }

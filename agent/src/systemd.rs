@@ -1,6 +1,5 @@
 //! systemd over D-Bus (zbus): unit and timer state, start/restart/stop jobs and their completion, state-change signals.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -233,15 +232,6 @@ impl Systemd {
         Ok(Self { conn })
     }
 
-    pub async fn at_address(address: &str) -> Result<Self> {
-        let conn = zbus::connection::Builder::address(address)
-            .map_err(SystemdError::Connect)?
-            .build()
-            .await
-            .map_err(SystemdError::Connect)?;
-        Ok(Self { conn })
-    }
-
     async fn manager(&self) -> Result<ManagerProxy<'_>> {
         ManagerProxy::new(&self.conn)
             .await
@@ -393,15 +383,6 @@ impl Systemd {
             streams.push(stream.boxed());
         }
         Ok(streams.boxed())
-    }
-
-    /// The states of several units (missing ones are reported as not-found).
-    pub async fn unit_states(&self, names: &[String]) -> HashMap<String, Result<UnitState>> {
-        let mut out = HashMap::new();
-        for name in names {
-            out.insert(name.clone(), self.unit_state(name).await);
-        }
-        out
     }
 }
 

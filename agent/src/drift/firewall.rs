@@ -1,7 +1,6 @@
 //! Firewall: the live nftables ruleset, read through the nftables crate's JSON schema, normalised and compared with the baseline.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::time::Duration;
 
 use nftables::schema::{NfListObject, NfObject, Nftables};
@@ -335,12 +334,6 @@ pub async fn check(ctx: &Context<'_>, spec: &Firewall, mut a: Assessment) -> Ass
         Err(e) => a.error(e),
     }
     a
-}
-
-/// Reads a ruleset file of `nft --json` output (used by tests and tools).
-pub fn normalize_file(path: &Path) -> Result<NormalRuleset, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    normalize(&bytes)
 }
 
 #[cfg(test)]

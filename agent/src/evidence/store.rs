@@ -107,14 +107,6 @@ impl EvidenceStore {
         })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    pub fn fingerprint(&self) -> &str {
-        &self.fingerprint
-    }
-
     /// Seals and durably stores one bundle.
     pub fn store(&self, draft: Draft) -> Result<StoredBundle> {
         let mut stored = self.store_many(vec![draft])?;

@@ -14,11 +14,11 @@ use serde_json::json;
 
 use crate::config::{Config, ConfigError, public_key_path};
 use crate::crypto::{SigningKey, VerifyingKey};
-use crate::evidence::{self, Check, Draft, EvidenceStore, Filter, HostIdentity, Outcome};
+use crate::evidence::{self, Check, Draft, Filter, Outcome};
 use crate::mcp::{self, DeliverReport, McpClient, McpError, Selection};
-use crate::nixos::RunningSystem;
 use crate::orders::{self, OrderContext};
-use crate::queue::{Queue, QueueStats, unix_now};
+use crate::queue::{QueueStats, unix_now};
+use crate::resources::{open_evidence_store, open_queue};
 use crate::{Error, Result};
 
 /// HIPAA compliance agent for NixOS appliances: detects drift, heals it and
@@ -289,15 +289,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// The upload queue of `config`, with every bundle on disk accounted for.
-pub fn open_queue(config: &Config) -> Result<Queue> {
-    let mut queue = Queue::open_for(config)?;
-    if config.evidence_dir.is_dir() {
-        queue.reconcile(&config.evidence_dir, unix_now())?;
-    }
-    Ok(queue)
-}
-
 /// How long delivered rows stay in the queue before they are pruned.
 const DELIVERED_ROW_DAYS: i64 = 7;
 
@@ -511,49 +502,6 @@ fn config_check(path: Option<&Path>, json: bool) -> Result<ExitCode> {
             Ok(ExitCode::from(1))
         }
     }
-}
-
-/// The signing key of `config`; the local default creates one on first use.
-pub fn load_signing_key(config: &Config) -> Result<SigningKey> {
-    let path = &config.signing_key_file;
-    if config.creates_signing_key() && !path.exists() {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|source| Error::Io {
-                context: format!("cannot create {}", parent.display()),
-                source,
-            })?;
-        }
-        let key = SigningKey::generate();
-        let public = public_key_path(path);
-        key.write_pair(path, &public)?;
-        eprintln!(
-            "compliance-agent: created a new evidence signing key at {} (public key {}, fingerprint {}); \
-             keep the private key safe and give the public key to whoever verifies the evidence",
-            path.display(),
-            public.display(),
-            key.verifying_key().fingerprint()
-        );
-        return Ok(key);
-    }
-    Ok(SigningKey::load(path)?)
-}
-
-/// The evidence store of `config`, ready to write.
-pub fn open_evidence_store(config: &Config) -> Result<EvidenceStore> {
-    let key = load_signing_key(config)?;
-    let host = HostIdentity {
-        site_id: config.site_id.clone(),
-        host_id: config.host_id.clone(),
-        deployment_mode: config.deployment_mode,
-        reseller_id: config.reseller_id.clone(),
-        policy_version: config.policy_version.clone(),
-    };
-    Ok(EvidenceStore::open(
-        &config.evidence_dir,
-        key,
-        host,
-        RunningSystem::detect(),
-    )?)
 }
 
 /// The key that evidence is checked against: an explicit public key, the

@@ -688,14 +688,14 @@ fn resolve(raw: RawConfig, source: ConfigSource, env: &dyn Env) -> Result<Config
     );
     let order_runbook_allowlist = raw
         .order_runbook_allowlist
-        .unwrap_or_else(|| vec![crate::orders::COLLECT_EVIDENCE.to_owned()]);
+        .unwrap_or_else(|| vec![crate::runbook_ids::COLLECT_EVIDENCE.to_owned()]);
     for runbook in &order_runbook_allowlist {
-        if !crate::orders::KNOWN_RUNBOOKS.contains(&runbook.as_str()) {
+        if !crate::runbook_ids::RUNBOOK_IDS.contains(&runbook.as_str()) {
             issues.add(
                 "order_runbook_allowlist",
                 format!(
                     "{runbook:?} is not a runbook this agent has; use some of {}",
-                    crate::orders::KNOWN_RUNBOOKS.join(", ")
+                    crate::runbook_ids::RUNBOOK_IDS.join(", ")
                 ),
             );
         }

@@ -19,9 +19,7 @@ use crate::queue::{Claim, NewUpload, Queue, order_route};
 /// DSSE payloadType of an order.
 pub const ORDER_PAYLOAD_TYPE: &str = "application/vnd.compliance-agent.order+json";
 /// The runbook that records the box's current state.
-pub const COLLECT_EVIDENCE: &str = "collect_evidence";
-/// Every runbook this agent can run; `order_runbook_allowlist` picks from these.
-pub const KNOWN_RUNBOOKS: &[&str] = crate::heal::runbooks::RUNBOOK_IDS;
+pub use crate::runbook_ids::COLLECT_EVIDENCE;
 /// Shortest lifetime an order may have (the platform spec's `ttl >= 60`).
 pub const MIN_TTL_SEC: u64 = 60;
 /// Longest lifetime: bounds how long nonces must be remembered.

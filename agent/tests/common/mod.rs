@@ -303,7 +303,7 @@ impl Channel {
 
     /// The box's evidence store (the same key and directory the agent uses).
     pub fn evidence(&self) -> EvidenceStore {
-        compliance_agent::cli::open_evidence_store(&self.config()).expect("open evidence store")
+        compliance_agent::resources::open_evidence_store(&self.config()).expect("open evidence store")
     }
 
     /// Stores `n` bundles through the library, in groups of seven.

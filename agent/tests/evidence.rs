@@ -444,7 +444,6 @@ fn bad_drafts_are_refused() -> TestResult {
 
 #[test]
 fn nar_hash_matches_nix() -> TestResult {
-    let nix_hash = require_tool("nix-hash");
     let tmp = tempfile::tempdir()?;
     let root = tmp.path().join("system");
     fs::create_dir_all(root.join("sw/bin"))?;
@@ -462,7 +461,7 @@ fn nar_hash_matches_nix() -> TestResult {
     fs::write(root.join("empty"), "")?;
     fs::write(root.join("seven"), "1234567")?;
     let ours = compliance_agent::nar::nar_hash(&root)?;
-    let out = Command::new(nix_hash)
+    let out = nix_command("nix-hash")
         .args(["--type", "sha256", "--base32"])
         .arg(&root)
         .output()?;

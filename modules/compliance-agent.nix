@@ -135,6 +135,8 @@ let
       journald_max_retention_sec = cfg.baseline.logging.journaldMaxRetentionSec;
       auditd = config.security.auditd.enable;
       audit_rules = config.security.audit.rules;
+      audit_rules_export_file = if auditEnabled then auditExportFile else null;
+      audit_rules_export_unit = if auditEnabled then "compliance-agent-audit-export.service" else null;
     };
     firewall =
       if cfg.firewallEnforce && config.networking.nftables.enable then
@@ -213,15 +215,24 @@ let
   rulesetExportFile = "/run/compliance-agent-export/ruleset.json";
   expectedExportFile = "/run/compliance-agent-export/expected.json";
   systemProfile = "/nix/var/nix/profiles/system";
+  auditExportFile = "/run/compliance-agent-export/audit-rules.txt";
+  # security.audit.enable is false, true or "lock".
+  auditEnabled = config.security.audit.enable != false;
 
   rootHelpers = import ./lib/root-helpers.nix {
-    inherit systemProfile rulesetExportFile expectedExportFile;
+    inherit
+      systemProfile
+      rulesetExportFile
+      expectedExportFile
+      auditExportFile
+      ;
     rulesetFile = if applianceFirewall then "${hardeningCfg.firewall.rulesetFile}" else null;
   };
   switchScript = pkgs.writeShellScript "compliance-agent-switch" rootHelpers.switch;
   rollbackScript = pkgs.writeShellScript "compliance-agent-rollback" rootHelpers.rollback;
 
   exportScript = pkgs.writeShellScript "compliance-agent-nft-export" rootHelpers.nftExport;
+  auditExportScript = pkgs.writeShellScript "compliance-agent-audit-export" rootHelpers.auditExport;
 
   # The CLI as administrators use it: as the agent's user, with the same
   # credentials the service gets, so `%d/...` paths resolve and evidence
@@ -807,6 +818,40 @@ in
       };
     };
 
+    systemd.services.compliance-agent-audit-export = lib.mkIf auditEnabled {
+      description = "Export the audit rules in force for the compliance agent";
+      # Listing the rules and the audit state needs CAP_AUDIT_CONTROL, which
+      # the agent does not have. The audit netlink socket exists only in the
+      # host's network namespace, so no PrivateNetwork.
+      path = [
+        pkgs.audit
+        pkgs.coreutils
+        pkgs.gnused
+      ];
+      serviceConfig = {
+        Type = "oneshot";
+        ExecStart = auditExportScript;
+        RuntimeDirectory = "compliance-agent-export";
+        RuntimeDirectoryMode = "0755";
+        RuntimeDirectoryPreserve = true;
+        CapabilityBoundingSet = [ "CAP_AUDIT_CONTROL" ];
+        RestrictAddressFamilies = [
+          "AF_NETLINK"
+          "AF_UNIX"
+        ];
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        NoNewPrivileges = true;
+      };
+    };
+    systemd.timers.compliance-agent-audit-export = lib.mkIf auditEnabled {
+      wantedBy = [ "timers.target" ];
+      timerConfig = {
+        OnBootSec = "1min";
+        OnUnitActiveSec = "5min";
+      };
+    };
+
     systemd.services.compliance-agent-restore-test = lib.mkIf hasBackup {
       description = "Restore test of the ${cfg.baseline.backup.resticJob} backup (requested by the compliance agent)";
       path = [
@@ -849,6 +894,7 @@ in
         "compliance-agent-rollback.service"
       ]
       ++ lib.optional config.networking.nftables.enable "compliance-agent-nft-export.service"
+      ++ lib.optional auditEnabled "compliance-agent-audit-export.service"
       ++ lib.optional hasBackup "compliance-agent-restore-test.service";
       startTemplates = [ "compliance-agent-switch@" ];
     };

@@ -16,6 +16,7 @@ let
   # The pure functions tests/nix/check.sh evaluates and checks offline.
   egressRuleset = import ./lib/egress-ruleset.nix;
   auditRules = import ./lib/audit-rules.nix;
+  auditDirectories = import ./lib/audit-directories.nix;
 
   isIP = s: builtins.match "([0-9]{1,3}\\.){3}[0-9]{1,3}|[0-9A-Fa-f]*:[0-9A-Fa-f:.]*" s != null;
 
@@ -50,9 +51,6 @@ let
   };
   rulesetFile = pkgs.writeText "compliance-nftables-rules" rulesetText;
 
-  setuidPrograms = lib.mapAttrsToList (name: _: "${config.security.wrapperDir}/${name}") (
-    lib.filterAttrs (_: w: w.setuid || w.setgid) config.security.wrappers
-  );
   agentSecretFiles = lib.optionals agentEnabled (
     lib.filter (f: f != null && lib.hasPrefix "/" f && !(lib.hasPrefix "%" f)) [
       agent.signingKeyFile
@@ -60,6 +58,22 @@ let
       agent.mcp.apiKeyFile
     ]
   );
+
+  auditRuleLines =
+    auditRules {
+      stateDir = agent.stateDir or "/var/lib/compliance-agent";
+      evidenceDir = agent.evidenceDir or "/var/lib/compliance-agent/evidence";
+      secretFiles = agentSecretFiles;
+      arches =
+        if pkgs.stdenv.hostPlatform.isx86_64 then
+          [
+            "b64"
+            "b32"
+          ]
+        else
+          [ "b64" ];
+    }
+    ++ cfg.audit.extraRules;
 
   offsetLimitSeconds = "${toString (cfg.timeSync.maxOffsetMs / 1000)}.${
     lib.fixedWidthString 3 "0" (toString (lib.mod cfg.timeSync.maxOffsetMs 1000))
@@ -276,15 +290,25 @@ in
           enable = if cfg.audit.lockRules then "lock" else true;
           failureMode = "printk";
           backlogLimit = 8192;
-          rules =
-            auditRules {
-              stateDir = agent.stateDir or "/var/lib/compliance-agent";
-              evidenceDir = agent.evidenceDir or "/var/lib/compliance-agent/evidence";
-              secretFiles = agentSecretFiles;
-              privilegedPrograms = setuidPrograms;
-              arches = if pkgs.stdenv.hostPlatform.isx86_64 then [ "b64" "b32" ] else [ "b64" ];
+          rules = auditRuleLines;
+        };
+        # Every directory a rule needs exists before the rules load (a missing
+        # one makes auditctl -R stop there, leaving the rest and -e unloaded).
+        systemd.tmpfiles.rules = auditDirectories {
+          rules = auditRuleLines;
+          owners =
+            lib.optionalAttrs agentEnabled {
+              ${agent.stateDir} = "0750 ${agent.user} ${agent.user}";
             }
-            ++ cfg.audit.extraRules;
+            // lib.genAttrs (map dirOf agentSecretFiles) (_: "0700 root root");
+        };
+        systemd.services.audit-rules-nixos = {
+          after = [ "systemd-tmpfiles-setup.service" ];
+          # Locked rules (-e 2) cannot be replaced until reboot: restarting the
+          # unit in a switch would fail it and fail the switch. The new
+          # generation's rules load at the next boot; until then the agent's
+          # logging check reports them as pending a reboot (docs/nixos.md).
+          restartIfChanged = !cfg.audit.lockRules;
         };
       })
 

@@ -1,6 +1,8 @@
 # VM test: egress to a host not on the allowlist is blocked (and logged) while
-# the MCP stays reachable. Three nodes on one vlan: the site box, a peer
-# standing in for the MCP, and an outsider that is not allowlisted.
+# the MCP stays reachable, and freshclam reaches the MSP's signature mirror
+# through the allowlist. Four nodes on one vlan: the site box, a peer standing
+# in for the MCP, the MSP's ClamAV mirror, and an outsider that is not
+# allowlisted.
 { ... }:
 let
   webServer =
@@ -19,16 +21,41 @@ let
         serviceConfig.WorkingDirectory = "/etc";
       };
     };
+  # The MSP's signature mirror: plain HTTP on 8081, every request logged to
+  # the journal. It holds no databases, so freshclam's downloads fail there;
+  # what the test shows is that they are asked for, through the allowlist.
+  signatureMirror =
+    { pkgs, ... }:
+    {
+      networking.firewall.allowedTCPPorts = [
+        8081
+        8080
+      ];
+      systemd.services.mirror = {
+        wantedBy = [ "multi-user.target" ];
+        serviceConfig.ExecStart = "${pkgs.python3}/bin/python3 -m http.server 8081 --directory /var/empty";
+      };
+      # Another service on the mirror host, which the allowlist does not admit.
+      systemd.services.other = {
+        wantedBy = [ "multi-user.target" ];
+        serviceConfig.ExecStart = "${pkgs.python3}/bin/python3 -m http.server 8080 --directory /var/empty";
+      };
+    };
 in
 {
   name = "egress-allowlist";
 
   nodes = {
-    machine = {
-      imports = [ ./lib/agent-node.nix ];
-    };
+    machine =
+      { nodes, ... }:
+      {
+        imports = [ ./lib/agent-node.nix ];
+        services.clamav.updater.enable = true;
+        compliance.hardening.antivirus.mirrorUrl = "http://${nodes.avmirror.networking.primaryIPAddress}:8081";
+      };
     # Named mcp so that agent-node.nix allowlists its address.
     mcp = webServer;
+    avmirror = signatureMirror;
     outsider = webServer;
   };
 
@@ -36,12 +63,14 @@ in
     { nodes, ... }:
     let
       mcpIP = nodes.mcp.networking.primaryIPAddress;
+      mirrorIP = nodes.avmirror.networking.primaryIPAddress;
       outsiderIP = nodes.outsider.networking.primaryIPAddress;
     in
     ''
       start_all()
       machine.wait_for_unit("nftables.service")
       mcp.wait_for_open_port(8443)
+      avmirror.wait_for_open_port(8081)
       outsider.wait_for_open_port(8443)
 
       def reach(ip, port):
@@ -61,6 +90,20 @@ in
 
       with subtest("control: the outsider itself is up (the block is the ruleset's doing)"):
           mcp.succeed("curl --silent --max-time 3 --output /dev/null http://${outsiderIP}:8443/")
+
+      with subtest("freshclam asks the MSP's mirror for signatures, through the allowlist"):
+          conf = machine.succeed("cat /etc/clamav/freshclam.conf")
+          assert "PrivateMirror http://${mirrorIP}:8081" in conf, f"expected the mirror in freshclam.conf, got {conf}"
+          assert reach("${mirrorIP}", 8081), "expected the mirror to be reachable on 8081"
+          machine.execute("systemctl start clamav-freshclam.service")
+          avmirror.wait_until_succeeds(
+              "journalctl -u mirror.service --grep 'GET /(daily|main|bytecode)[.]c'", timeout=120
+          )
+
+      with subtest("negative: the mirror host on another port is blocked (control: it answers the MCP)"):
+          avmirror.wait_for_open_port(8080)
+          mcp.succeed("curl --silent --max-time 3 --output /dev/null http://${mirrorIP}:8080/")
+          assert not reach("${mirrorIP}", 8080), "expected egress to the mirror host on 8080 to be dropped"
 
       with subtest("the agent's own sandbox allows only the MCP"):
           out = machine.succeed("systemctl show -P IPAddressAllow compliance-agent.service")

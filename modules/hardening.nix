@@ -17,6 +17,12 @@ let
   egressRuleset = import ./lib/egress-ruleset.nix;
   auditRules = import ./lib/audit-rules.nix;
   auditDirectories = import ./lib/audit-directories.nix;
+  peerUrl = import ./lib/peer-url.nix;
+
+  # Peers named by URL, reduced to what the allowlist matches (address, port).
+  avMirror = if cfg.antivirus.mirrorUrl == null then null else peerUrl cfg.antivirus.mirrorUrl;
+  updateCache =
+    if cfg.updates.substituterUrl == null then null else peerUrl cfg.updates.substituterUrl;
 
   isIP = s: builtins.match "([0-9]{1,3}\\.){3}[0-9]{1,3}|[0-9A-Fa-f]*:[0-9A-Fa-f:.]*" s != null;
 
@@ -115,21 +121,20 @@ in
         default = { };
         description = ''
           Egress allowlist. `mcp` (from services.compliance-agent.mcp), `ntp`
-          (from timeSync.servers) and `dns` (from dnsServers) are filled in;
-          add `backup` for the backup target and `update-cache` for the binary
-          cache the box updates from.
+          (from timeSync.servers), `dns` (from dnsServers), `av-mirror` (from
+          antivirus.mirrorUrl) and `update-cache` (from updates.substituterUrl)
+          are filled in; add `backup` for the backup target.
         '';
         example = lib.literalExpression ''
           {
             backup = { addresses = [ "198.51.100.20" ]; ports = [ 443 ]; };
-            update-cache = { addresses = [ "198.51.100.30" ]; ports = [ 443 ]; };
           }
         '';
       };
       dnsServers = lib.mkOption {
         type = lib.types.listOf lib.types.str;
         default = [ ];
-        description = "Resolvers the box may query (UDP and TCP 53). Empty: no DNS; name the MCP in networking.hosts.";
+        description = "Resolvers the box may query (UDP and TCP 53); they become networking.nameservers, and resolvers from DHCP are ignored (the firewall would drop them). Empty: no DNS; name the MCP in networking.hosts.";
         example = [ "192.0.2.53" ];
       };
       allowDhcp = lib.mkOption {
@@ -148,6 +153,44 @@ in
         default = rulesetFile;
         defaultText = lib.literalExpression "the ruleset rendered by modules/lib/egress-ruleset.nix";
         description = "The rendered ruleset; the agent's baseline names it.";
+      };
+    };
+
+    antivirus.mirrorUrl = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "http://198.51.100.30:8080";
+      description = ''
+        The MSP's ClamAV signature mirror, by IP address, as freshclam's
+        PrivateMirror. Required with services.clamav.updater and the egress
+        firewall: freshclam's default mirrors are host names behind a CDN,
+        which an address allowlist cannot admit, so without a mirror clamd
+        never gets a database. Allowlisted as egress `av-mirror`. The mirror
+        serves the .cvd/.cdiff files as ClamAV publishes them (for example
+        kept current with cvdupdate on the MSP's side); freshclam verifies
+        their signatures as usual.
+      '';
+    };
+
+    updates = {
+      substituterUrl = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        example = "https://198.51.100.30";
+        description = ''
+          The binary cache the box updates from, by IP address: the box's only
+          substituter (nix.settings.substituters), allowlisted as egress
+          `update-cache`. Others would only be dropped by the firewall.
+        '';
+      };
+      trustedPublicKeys = lib.mkOption {
+        type = lib.types.listOf lib.types.str;
+        default = [ ];
+        example = [ "msp-cache-1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=" ];
+        description = ''
+          Signing keys of that cache (nix.settings.trusted-public-keys). A
+          generation switch to a store path needs a signature by one of them.
+        '';
       };
     };
 
@@ -253,6 +296,10 @@ in
             message = "compliance.hardening.firewall replaces the NixOS firewall: remove networking.firewall.enable = true (inbound ports still come from networking.firewall.allowedTCPPorts/allowedUDPPorts), or set compliance.hardening.firewall.enable = false.";
           }
           {
+            assertion = !(config.services.clamav.updater.enable or false) || cfg.antivirus.mirrorUrl != null;
+            message = "services.clamav.updater is on, but freshclam's default mirrors are host names behind a CDN that the egress allowlist cannot admit: the box would never get signatures and av_health would fail for good. Set compliance.hardening.antivirus.mirrorUrl to the MSP's signature mirror by IP address (e.g. \"http://198.51.100.30:8080\"), or set compliance.hardening.firewall.enable = false.";
+          }
+          {
             assertion = !cfg.timeSync.enable || lib.all isIP cfg.timeSync.servers;
             message = "compliance.hardening.timeSync.servers must be IP addresses while the egress firewall is on (it matches addresses, not names); got ${toString cfg.timeSync.servers}. List NTP servers by address, or set compliance.hardening.firewall.enable = false.";
           }
@@ -281,7 +328,30 @@ in
             addresses = cfg.firewall.dnsServers;
             ports = [ 53 ];
           };
+          av-mirror = lib.mkIf (avMirror != null) {
+            addresses = [ avMirror.address ];
+            ports = [ avMirror.port ];
+          };
+          update-cache = lib.mkIf (updateCache != null) {
+            addresses = [ updateCache.address ];
+            ports = [ updateCache.port ];
+          };
         };
+        # The resolvers the allowlist admits are the ones the box uses;
+        # DHCP's would only be dropped.
+        networking.nameservers = cfg.firewall.dnsServers;
+        networking.dhcpcd.extraConfig = "nooption domain_name_servers";
+      })
+
+      (lib.mkIf (cfg.antivirus.mirrorUrl != null) {
+        services.clamav.updater.settings.PrivateMirror = [ cfg.antivirus.mirrorUrl ];
+      })
+
+      (lib.mkIf (cfg.updates.substituterUrl != null) {
+        # The only cache the egress allowlist admits; any other (the default
+        # cache.nixos.org) would only cost timeouts at every build.
+        nix.settings.substituters = lib.mkForce [ cfg.updates.substituterUrl ];
+        nix.settings.trusted-public-keys = cfg.updates.trustedPublicKeys;
       })
 
       (lib.mkIf cfg.audit.enable {

@@ -7,4 +7,5 @@
   auditRules = import ./audit-rules.nix;
   auditDirectories = import ./audit-directories.nix;
   baseline = import ./baseline.nix;
+  peerUrl = import ./peer-url.nix;
 }

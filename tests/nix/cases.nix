@@ -116,8 +116,19 @@ in
     };
   };
 
+  # Peers named by URL (the AV mirror, the binary cache) as the allowlist sees them.
+  peerUrls = map lib.peerUrl [
+    "http://198.51.100.30:8080/clamav"
+    "https://198.51.100.30"
+    "http://[fd31:231::10]:8443/"
+  ];
+
   # Each of these must make evaluation fail with a message (negative tests).
   invalid = {
+    peerUrlHostName = lib.peerUrl "http://database.clamav.net";
+    peerUrlOctet = lib.peerUrl "http://300.1.1.1";
+    peerUrlPort = lib.peerUrl "https://198.51.100.30:70000";
+    peerUrlScheme = lib.peerUrl "ftp://198.51.100.30";
     egressNoPorts = lib.egressRuleset { egress.mcp.addresses = [ "10.231.1.2" ]; };
     egressHostName = lib.egressRuleset {
       egress.mcp = {

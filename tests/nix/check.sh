@@ -96,6 +96,61 @@ for f in checks/*.nix; do
   fi
 done
 
+# ---------------------------------------------------------------- VM test profiles
+section "checks/: a value a test sets again is a default in the shared node profile"
+# Two normal-priority definitions of a non-mergeable option (an int, a string,
+# a bool) are a "conflicting definition values" error at evaluation. A shared
+# profile (checks/lib/*-node.nix) must set such values with lib.mkDefault.
+defs() { nix_json "import $ROOT/tests/nix/definitions.nix { file = $ROOT/$1; ${2:+select = t: t.nodes.$2;} }"; }
+profiles_ok=1
+for prof in checks/lib/*-node.nix; do
+  defs "$prof" >"$WORK/profile-$(basename "$prof" .nix).json" 2>"$WORK/defs.err" \
+    || { profiles_ok=0; fail "$prof: definitions do not evaluate with stubs: $(grep -m1 error "$WORK/defs.err")"; }
+done
+cat >"$WORK/conflicts.py" <<'PYEOF'
+import json, sys, glob, os
+work, test_file, node, node_json = sys.argv[1:5]
+node_defs = json.load(open(node_json))
+problems = []
+for imp in node_defs["imports"]:
+    prof = os.path.join(work, "profile-" + imp.removesuffix(".nix") + ".json")
+    if not os.path.exists(prof):
+        continue
+    plain = {tuple(d["path"]) for d in json.load(open(prof))["definitions"] if d["kind"] == "value"}
+    for d in node_defs["definitions"]:
+        if d["kind"] == "value" and tuple(d["path"]) in plain:
+            problems.append(f"{test_file} node {node} sets {'.'.join(d['path'])}, which {imp} sets at normal priority (use lib.mkDefault there)")
+for p in problems: print(p)
+sys.exit(1 if problems else 0)
+PYEOF
+if [ "$profiles_ok" = 1 ]; then
+  conflicts=0
+  for f in checks/*.nix; do
+    for node in $(nix_json "builtins.attrNames (import $ROOT/$f { fixtures = { pki = \"/pki\"; }; self = null; lib = null; }).nodes" | "$PY" -c 'import json,sys; print(" ".join(json.load(sys.stdin)))'); do
+      if defs "$f" "$node" >"$WORK/node.json" 2>"$WORK/defs.err"; then
+        "$PY" "$WORK/conflicts.py" "$WORK" "$f" "$node" "$WORK/node.json" >>"$WORK/conflicts.out" || conflicts=1
+      else
+        conflicts=1; echo "$f node $node: definitions do not evaluate with stubs: $(grep -m1 error "$WORK/defs.err")" >>"$WORK/conflicts.out"
+      fi
+    done
+  done
+  if [ "$conflicts" = 0 ]; then
+    pass "no test redefines a plain value of checks/lib/*-node.nix"
+  else
+    sed 's/^/    /' "$WORK/conflicts.out"; fail "VM test nodes conflict with their shared profile"
+  fi
+  # Negative control: a profile that sets memorySize plainly, and a test that sets it again.
+  printf '{ lib, ... }: { virtualisation.memorySize = 1536; }\n' >"$WORK/plain-node.nix"
+  printf '{ ... }: { name = "x"; nodes.machine = { imports = [ ./plain-node.nix ]; virtualisation.memorySize = 2048; }; testScript = ""; }\n' >"$WORK/plain-test.nix"
+  nix_json "import $ROOT/tests/nix/definitions.nix { file = $WORK/plain-node.nix; }" >"$WORK/profile-plain-node.json"
+  nix_json "import $ROOT/tests/nix/definitions.nix { file = $WORK/plain-test.nix; select = t: t.nodes.machine; }" >"$WORK/plain-test.json"
+  if "$PY" "$WORK/conflicts.py" "$WORK" plain-test.nix machine "$WORK/plain-test.json" >/dev/null; then
+    fail "negative: a plain memorySize in a profile set again by a test went unnoticed"
+  else
+    pass "negative: a plain value in a profile that a test sets again is found"
+  fi
+fi
+
 # ---------------------------------------------------------------- VM test scripts
 section "checks/: every testScript passes the test driver's pyflakes lint"
 # The NixOS test driver lints each script with pyflakes before it runs (unless
@@ -147,6 +202,21 @@ for name in $(nix_json "builtins.attrNames $CASES.invalid" | "$PY" -c 'import js
     pass "invalid.$name refused:$msg"
   fi
 done
+
+# ---------------------------------------------------------------- peers by URL
+section "peers named by URL (AV mirror, binary cache) reduce to an allowlisted address and port"
+expected_peers='[{"address":"198.51.100.30","port":8080,"scheme":"http"},{"address":"198.51.100.30","port":443,"scheme":"https"},{"address":"fd31:231::10","port":8443,"scheme":"http"}]'
+if got=$(nix_json "$CASES.peerUrls" 2>"$WORK/peers.err") && [ "$got" = "$expected_peers" ]; then
+  pass "peer-url.nix: address and port of http, https and IPv6 URLs"
+else
+  fail "peer-url.nix gave ${got:-$(cat "$WORK/peers.err")}, expected $expected_peers"
+fi
+if grep -q 'PrivateMirror = \[ cfg.antivirus.mirrorUrl \]' modules/hardening.nix && grep -q 'av-mirror = lib.mkIf (avMirror != null)' modules/hardening.nix \
+   && grep -q 'services.clamav.updater.enable or false) || cfg.antivirus.mirrorUrl != null' modules/hardening.nix; then
+  pass "hardening.nix: freshclam uses the allowlisted mirror, and an updater without one is refused"
+else
+  fail "hardening.nix must point freshclam at antivirus.mirrorUrl, allowlist it, and refuse the updater without it"
+fi
 
 # ---------------------------------------------------------------- hardening
 section "agent unit hardening (systemd-analyze security --offline=true)"

@@ -572,15 +572,10 @@ fn evidence_command(config: &Config, cmd: EvidenceCommand) -> Result<ExitCode> {
             json,
         } => {
             let check = parse_check(&check)?;
-            if check == Check::EvidenceRetention {
-                return Err(Error::Usage(
-                    "evidence_retention bundles are written by `evidence prune` only".into(),
-                ));
-            }
-            if check == Check::McpOrder {
-                return Err(Error::Usage(
-                    "mcp_order bundles are written by `orders poll` only".into(),
-                ));
+            if let Some(writer) = check.agent_only() {
+                return Err(Error::Usage(format!(
+                    "{check} bundles are written by {writer} only"
+                )));
             }
             let mut draft = Draft::new(check, parse_outcome(&outcome)?);
             draft.post_state = json!({
@@ -618,40 +613,62 @@ fn evidence_command(config: &Config, cmd: EvidenceCommand) -> Result<ExitCode> {
                     .transpose()?,
                 limit: filter.limit,
             };
-            let items = evidence::list(&config.evidence_dir, &filter)?;
+            // Each line says whether its signature verifies: edited content is never shown as if it were signed.
+            let key = verifying_key(config, None).ok();
+            let listing = evidence::list_checked(&config.evidence_dir, &filter, key.as_ref())?;
+            let items = &listing.items;
             if json {
-                print_json(&items)?;
+                print_json(items)?;
             } else {
                 out!(
-                    "{:>6}  {:<30}  {:<18}  {:<9}  BUNDLE_ID",
+                    "{:>6}  {:<30}  {:<18}  {:<9}  {:<9}  BUNDLE_ID",
                     "SEQ",
                     "TIMESTAMP",
                     "CHECK",
-                    "OUTCOME"
+                    "OUTCOME",
+                    "SIGNATURE"
                 );
-                for s in &items {
+                for s in items {
+                    let mark = match s.signature.as_deref() {
+                        Some("valid") => "valid",
+                        Some(_) => "INVALID",
+                        None => "unchecked",
+                    };
                     out!(
-                        "{:>6}  {:<30}  {:<18}  {:<9}  {}",
+                        "{:>6}  {:<30}  {:<18}  {:<9}  {:<9}  {}",
                         s.seq,
                         s.timestamp_end.to_string(),
                         s.check.as_str(),
                         s.outcome.as_str(),
+                        mark,
                         s.bundle_id
                     );
                 }
             }
-            Ok(ExitCode::SUCCESS)
+            for u in &listing.unreadable {
+                eprintln!(
+                    "compliance-agent: unreadable bundle {}: {} (run `evidence verify`)",
+                    u.dir.display(),
+                    u.reason
+                );
+            }
+            let invalid = items
+                .iter()
+                .any(|s| s.signature.as_deref().is_some_and(|m| m != "valid"));
+            Ok(if listing.unreadable.is_empty() && !invalid {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         EvidenceCommand::Show { bundle_id, json } => {
             let (bundle, dir) = evidence::find(&config.evidence_dir, &bundle_id)?;
             let signature = match verifying_key(config, None) {
-                Ok(key) => match crate::crypto::verify_file(
-                    &key,
-                    &dir.join(evidence::BUNDLE_FILE),
-                    &dir.join(evidence::SIGNATURE_FILE),
-                ) {
-                    Ok(true) => format!("valid ({})", key.fingerprint()),
-                    Ok(false) => format!("INVALID for key {}", key.fingerprint()),
+                Ok(key) => match evidence::read_bundle_files(&dir) {
+                    Ok((data, sig)) if key.verify(&data, &sig).is_ok() => {
+                        format!("valid ({})", key.fingerprint())
+                    }
+                    Ok(_) => format!("INVALID for key {}", key.fingerprint()),
                     Err(e) => format!("cannot be checked ({e})"),
                 },
                 Err(e) => format!("not checked ({e})"),
@@ -691,6 +708,14 @@ fn evidence_command(config: &Config, cmd: EvidenceCommand) -> Result<ExitCode> {
                 return Err(Error::Usage(format!(
                     "{} is not an evidence directory",
                     root.display()
+                )));
+            }
+            if let Some(store) = evidence::store_containing(&root) {
+                return Err(Error::Usage(format!(
+                    "{} is inside the evidence store {}; verify the whole store: --dir {}",
+                    root.display(),
+                    store.display(),
+                    store.display()
                 )));
             }
             let report = evidence::verify(&root, &key)?;
@@ -756,6 +781,8 @@ fn evidence_command(config: &Config, cmd: EvidenceCommand) -> Result<ExitCode> {
         } => {
             let store = open_evidence_store(config)?;
             let days = retention_days.unwrap_or(config.evidence_retention_days);
+            crate::config::check_retention_days(days)
+                .map_err(|e| Error::Usage(format!("--retention-days {days}: {e}")))?;
             let report = if config.mcp_url.is_some() {
                 // Only what the MCP acknowledged may leave the box.
                 let acknowledged = open_queue(config)?.acknowledged()?;

@@ -307,6 +307,16 @@ impl Env for BTreeMap<String, String> {
     }
 }
 
+/// The bounds of evidence_retention_days, for the config and for `evidence prune --retention-days`.
+pub fn check_retention_days(days: u32) -> Result<(), String> {
+    if days == 0 {
+        return Err(
+            "must be at least 1 (evidence older than this may be pruned once delivered)".into(),
+        );
+    }
+    Ok(())
+}
+
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/compliance-agent";
 const LOCAL_STATE_DIR: &str = "compliance-state";
 
@@ -701,11 +711,8 @@ fn resolve(raw: RawConfig, source: ConfigSource, env: &dyn Env) -> Result<Config
         }
     }
     let evidence_retention_days = raw.evidence_retention_days.unwrap_or(90);
-    if evidence_retention_days == 0 {
-        issues.add(
-            "evidence_retention_days",
-            "must be at least 1 (evidence older than this may be pruned once delivered)",
-        );
+    if let Err(e) = check_retention_days(evidence_retention_days) {
+        issues.add("evidence_retention_days", e);
     }
 
     let timezone = raw.timezone.unwrap_or_else(|| "UTC".into());

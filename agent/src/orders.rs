@@ -244,7 +244,13 @@ pub fn check_params(runbook_id: &str, params: &Value) -> Result<(), String> {
                 .map_err(|e| format!("params do not match {runbook_id}: {e}"))?;
             for name in &p.checks {
                 match Check::parse(name) {
-                    Some(Check::EvidenceRetention | Check::McpOrder) | None => {
+                    Some(c) if c.agent_only().is_some() => {
+                        return Err(format!(
+                            "params do not match {runbook_id}: {:?} is not one of the baseline checks",
+                            truncate(name)
+                        ));
+                    }
+                    None => {
                         return Err(format!(
                             "params do not match {runbook_id}: {:?} is not one of the baseline checks",
                             truncate(name)

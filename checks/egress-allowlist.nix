@@ -5,40 +5,21 @@
 # allowlisted.
 { ... }:
 let
+  # A peer answering plain HTTP on `ports`, every request logged to the
+  # journal of listener.service.
   webServer =
+    ports:
     { pkgs, ... }:
     {
-      networking.firewall.allowedTCPPorts = [
-        8443
-        8080
-      ];
+      networking.firewall.allowedTCPPorts = ports;
       systemd.services.listener = {
         wantedBy = [ "multi-user.target" ];
-        script = ''
-          ${pkgs.python3}/bin/python3 -m http.server 8443 &
-          exec ${pkgs.python3}/bin/python3 -m http.server 8080
-        '';
-        serviceConfig.WorkingDirectory = "/etc";
-      };
-    };
-  # The MSP's signature mirror: plain HTTP on 8081, every request logged to
-  # the journal. It holds no databases, so freshclam's downloads fail there;
-  # what the test shows is that they are asked for, through the allowlist.
-  signatureMirror =
-    { pkgs, ... }:
-    {
-      networking.firewall.allowedTCPPorts = [
-        8081
-        8080
-      ];
-      systemd.services.mirror = {
-        wantedBy = [ "multi-user.target" ];
-        serviceConfig.ExecStart = "${pkgs.python3}/bin/python3 -m http.server 8081 --directory /var/empty";
-      };
-      # Another service on the mirror host, which the allowlist does not admit.
-      systemd.services.other = {
-        wantedBy = [ "multi-user.target" ];
-        serviceConfig.ExecStart = "${pkgs.python3}/bin/python3 -m http.server 8080 --directory /var/empty";
+        script =
+          builtins.concatStringsSep "" (
+            map (port: "${pkgs.python3}/bin/python3 -m http.server ${toString port} &\n") ports
+          )
+          + "wait\n";
+        serviceConfig.WorkingDirectory = "/var/empty";
       };
     };
 in
@@ -54,9 +35,21 @@ in
         compliance.hardening.antivirus.mirrorUrl = "http://${nodes.avmirror.networking.primaryIPAddress}:8081";
       };
     # Named mcp so that agent-node.nix allowlists its address.
-    mcp = webServer;
-    avmirror = signatureMirror;
-    outsider = webServer;
+    mcp = webServer [
+      8443
+      8080
+    ];
+    # The MSP's signature mirror on 8081 (8080 is another service on that host).
+    # It holds no databases, so freshclam's downloads fail there; what the test
+    # shows is that they are asked for, through the allowlist.
+    avmirror = webServer [
+      8081
+      8080
+    ];
+    outsider = webServer [
+      8443
+      8080
+    ];
   };
 
   testScript =
@@ -71,6 +64,7 @@ in
       machine.wait_for_unit("nftables.service")
       mcp.wait_for_open_port(8443)
       avmirror.wait_for_open_port(8081)
+      avmirror.wait_for_open_port(8080)
       outsider.wait_for_open_port(8443)
 
       def reach(ip, port):
@@ -97,11 +91,10 @@ in
           assert reach("${mirrorIP}", 8081), "expected the mirror to be reachable on 8081"
           machine.execute("systemctl start clamav-freshclam.service")
           avmirror.wait_until_succeeds(
-              "journalctl -u mirror.service --grep 'GET /(daily|main|bytecode)[.]c'", timeout=120
+              "journalctl -u listener.service --grep 'GET /(daily|main|bytecode)[.]c'", timeout=120
           )
 
       with subtest("negative: the mirror host on another port is blocked (control: it answers the MCP)"):
-          avmirror.wait_for_open_port(8080)
           mcp.succeed("curl --silent --max-time 3 --output /dev/null http://${mirrorIP}:8080/")
           assert not reach("${mirrorIP}", 8080), "expected egress to the mirror host on 8080 to be dropped"
 

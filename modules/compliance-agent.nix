@@ -233,6 +233,20 @@ let
 
   exportScript = pkgs.writeShellScript "compliance-agent-nft-export" rootHelpers.nftExport;
   auditExportScript = pkgs.writeShellScript "compliance-agent-audit-export" rootHelpers.auditExport;
+  # What the root export units share: the world-readable directory they
+  # write to (kept between runs for the agent to read) and their timer.
+  exportRuntimeDirectory = {
+    RuntimeDirectory = "compliance-agent-export";
+    RuntimeDirectoryMode = "0755";
+    RuntimeDirectoryPreserve = true;
+  };
+  exportTimer = {
+    wantedBy = [ "timers.target" ];
+    timerConfig = {
+      OnBootSec = "1min";
+      OnUnitActiveSec = "5min";
+    };
+  };
 
   # The CLI as administrators use it: as the agent's user, with the same
   # credentials the service gets, so `%d/...` paths resolve and evidence
@@ -794,12 +808,9 @@ in
         pkgs.coreutils
         pkgs.util-linux
       ];
-      serviceConfig = {
+      serviceConfig = exportRuntimeDirectory // {
         Type = "oneshot";
         ExecStart = exportScript;
-        RuntimeDirectory = "compliance-agent-export";
-        RuntimeDirectoryMode = "0755";
-        RuntimeDirectoryPreserve = true;
         CapabilityBoundingSet = [
           "CAP_NET_ADMIN"
           "CAP_SYS_ADMIN"
@@ -810,13 +821,7 @@ in
         NoNewPrivileges = true;
       };
     };
-    systemd.timers.compliance-agent-nft-export = lib.mkIf config.networking.nftables.enable {
-      wantedBy = [ "timers.target" ];
-      timerConfig = {
-        OnBootSec = "1min";
-        OnUnitActiveSec = "5min";
-      };
-    };
+    systemd.timers.compliance-agent-nft-export = lib.mkIf config.networking.nftables.enable exportTimer;
 
     systemd.services.compliance-agent-audit-export = lib.mkIf auditEnabled {
       description = "Export the audit rules in force for the compliance agent";
@@ -828,12 +833,9 @@ in
         pkgs.coreutils
         pkgs.gnused
       ];
-      serviceConfig = {
+      serviceConfig = exportRuntimeDirectory // {
         Type = "oneshot";
         ExecStart = auditExportScript;
-        RuntimeDirectory = "compliance-agent-export";
-        RuntimeDirectoryMode = "0755";
-        RuntimeDirectoryPreserve = true;
         CapabilityBoundingSet = [ "CAP_AUDIT_CONTROL" ];
         RestrictAddressFamilies = [
           "AF_NETLINK"
@@ -844,13 +846,7 @@ in
         NoNewPrivileges = true;
       };
     };
-    systemd.timers.compliance-agent-audit-export = lib.mkIf auditEnabled {
-      wantedBy = [ "timers.target" ];
-      timerConfig = {
-        OnBootSec = "1min";
-        OnUnitActiveSec = "5min";
-      };
-    };
+    systemd.timers.compliance-agent-audit-export = lib.mkIf auditEnabled exportTimer;
 
     systemd.services.compliance-agent-restore-test = lib.mkIf hasBackup {
       description = "Restore test of the ${cfg.baseline.backup.resticJob} backup (requested by the compliance agent)";

@@ -290,6 +290,11 @@ fn serialize_display<S: serde::Serializer, T: fmt::Display>(
 /// The process environment, injectable for tests.
 pub trait Env {
     fn var(&self, name: &str) -> Option<String>;
+
+    /// Whether `name` is set to something that is not UTF-8 (refused, never ignored).
+    fn not_unicode(&self, _name: &str) -> bool {
+        false
+    }
 }
 
 /// The real process environment.
@@ -298,6 +303,10 @@ pub struct ProcessEnv;
 impl Env for ProcessEnv {
     fn var(&self, name: &str) -> Option<String> {
         std::env::var(name).ok()
+    }
+
+    fn not_unicode(&self, name: &str) -> bool {
+        matches!(std::env::var(name), Err(std::env::VarError::NotUnicode(_)))
     }
 }
 
@@ -384,6 +393,13 @@ pub fn public_key_path(private: &Path) -> PathBuf {
 fn apply_env(table: &mut toml::Table, env: &dyn Env) -> Result<(), ConfigError> {
     for (key, kind) in KEYS {
         let var = key.to_ascii_uppercase();
+        if env.not_unicode(&var) {
+            return Err(ConfigError::Env {
+                value: String::new(),
+                message: "is not valid UTF-8; set it to UTF-8 text or unset it".into(),
+                var,
+            });
+        }
         let Some(value) = env.var(&var).filter(|v| !v.is_empty()) else {
             continue;
         };
@@ -524,6 +540,7 @@ fn resolve(raw: RawConfig, source: ConfigSource, env: &dyn Env) -> Result<Config
         }
     });
 
+    let raw_site_given = raw.site_id.is_some();
     let site_id = match raw.site_id {
         Some(id) => id,
         None if embedded => "local".into(),
@@ -535,7 +552,7 @@ fn resolve(raw: RawConfig, source: ConfigSource, env: &dyn Env) -> Result<Config
             String::new()
         }
     };
-    if !site_id.is_empty() && !valid_id(&site_id) {
+    if (raw_site_given || embedded) && !valid_id(&site_id) {
         issues.add("site_id", format!("{site_id:?} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"));
     }
     let host_id = raw.host_id.unwrap_or_else(hostname);

@@ -606,3 +606,75 @@ fn cli_exit_codes_never_claim_success_for_failure() -> TestResult {
     );
     Ok(())
 }
+
+/// Invariant (item 11): bad identity or key input is refused or said, never used silently.
+#[test]
+fn bad_identity_and_key_input_is_named() -> TestResult {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir()?;
+    let config = configured_box(tmp.path());
+    let body = fs::read_to_string(&config)?.replace("site_id = \"clinic-1\"", "site_id = \"\"");
+    let empty_site = tmp.path().join("empty-site.toml");
+    fs::write(&empty_site, body)?;
+    let out = agent(Some(&empty_site), &["config", "check"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "site_id \"\" refused: {}",
+        text(&out.stdout)
+    );
+    assert!(text(&out.stdout).contains("site_id") || text(&out.stderr).contains("site_id"));
+    let out = Command::new(agent_bin())
+        .arg("--config")
+        .arg(&config)
+        .args(["config", "check"])
+        .env("SITE_ID", std::ffi::OsStr::from_bytes(b"clinic-\xff"))
+        .output()?;
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "a non-UTF-8 override is refused"
+    );
+    assert!(
+        text(&out.stderr).contains("SITE_ID"),
+        "{}",
+        text(&out.stderr)
+    );
+    let key = tmp.path().join("keys/signing.key");
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o666))?;
+    let out = agent(
+        Some(&config),
+        &[
+            "evidence",
+            "add",
+            "--check",
+            "backup",
+            "--outcome",
+            "success",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("chmod 600"),
+        "said: {}",
+        text(&out.stderr)
+    );
+    fs::write(&key, "")?;
+    let out = agent(
+        Some(&config),
+        &[
+            "evidence",
+            "add",
+            "--check",
+            "backup",
+            "--outcome",
+            "success",
+        ],
+    );
+    assert!(
+        text(&out.stderr).contains("the file is empty"),
+        "{}",
+        text(&out.stderr)
+    );
+    Ok(())
+}

@@ -339,20 +339,14 @@ fn api_key_is_sent_and_checked() -> TestResult {
 fn evidence_prune_waits_for_the_mcp() -> TestResult {
     let mut ch = Channel::new();
     ch.add_bundles(10);
+    // Everything is past retention when judged two days ahead (the CLI
+    // refuses --retention-days 0, as the config does); what may go is what the
+    // MCP acknowledged, as `evidence prune` and the service decide it.
     let prune = |ch: &Channel| -> Result<Value, Box<dyn std::error::Error>> {
-        let out = run_ok(
-            ch,
-            &[
-                "evidence",
-                "prune",
-                "--keep",
-                "0",
-                "--retention-days",
-                "0",
-                "--json",
-            ],
-        );
-        Ok(serde_json::from_slice(&out.stdout)?)
+        let later = Timestamp::now().checked_add(jiff::SignedDuration::from_hours(48))?;
+        let acknowledged = Queue::open_for(&ch.config())?.acknowledged()?;
+        let report = ch.evidence().prune_where(0, 1, later, acknowledged)?;
+        Ok(serde_json::to_value(report)?)
     };
     std::thread::sleep(Duration::from_millis(20));
     let report = prune(&ch)?;

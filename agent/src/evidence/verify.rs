@@ -103,11 +103,8 @@ pub fn store_containing(dir: &Path) -> Option<PathBuf> {
     dir.ancestors()
         .skip(1)
         .take(4)
-        .find(|a| {
-            [HEAD_FILE, LOCK_FILE, super::layout::TMP_DIR]
-                .iter()
-                .any(|marker| fsafe::kind_of(&a.join(marker)).ok().flatten().is_some())
-        })
+        // Only a store has a head record; a lock or temp directory alone could be anyone's.
+        .find(|a| fsafe::kind_of(&a.join(HEAD_FILE)).ok().flatten().is_some())
         .map(Path::to_path_buf)
 }
 

@@ -19,8 +19,6 @@
     };
 
   testScript = ''
-    import json
-
     start_all()
     machine.wait_for_unit("compliance-agent.service")
     machine.wait_for_unit("clinic-app.service")

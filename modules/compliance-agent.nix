@@ -135,6 +135,8 @@ let
       journald_max_retention_sec = cfg.baseline.logging.journaldMaxRetentionSec;
       auditd = config.security.auditd.enable;
       audit_rules = config.security.audit.rules;
+      audit_rules_export_file = if auditEnabled then auditExportFile else null;
+      audit_rules_export_unit = if auditEnabled then "compliance-agent-audit-export.service" else null;
     };
     firewall =
       if cfg.firewallEnforce && config.networking.nftables.enable then
@@ -213,15 +215,38 @@ let
   rulesetExportFile = "/run/compliance-agent-export/ruleset.json";
   expectedExportFile = "/run/compliance-agent-export/expected.json";
   systemProfile = "/nix/var/nix/profiles/system";
+  auditExportFile = "/run/compliance-agent-export/audit-rules.txt";
+  # security.audit.enable is false, true or "lock".
+  auditEnabled = config.security.audit.enable != false;
 
   rootHelpers = import ./lib/root-helpers.nix {
-    inherit systemProfile rulesetExportFile expectedExportFile;
+    inherit
+      systemProfile
+      rulesetExportFile
+      expectedExportFile
+      auditExportFile
+      ;
     rulesetFile = if applianceFirewall then "${hardeningCfg.firewall.rulesetFile}" else null;
   };
   switchScript = pkgs.writeShellScript "compliance-agent-switch" rootHelpers.switch;
   rollbackScript = pkgs.writeShellScript "compliance-agent-rollback" rootHelpers.rollback;
 
   exportScript = pkgs.writeShellScript "compliance-agent-nft-export" rootHelpers.nftExport;
+  auditExportScript = pkgs.writeShellScript "compliance-agent-audit-export" rootHelpers.auditExport;
+  # What the root export units share: the world-readable directory they
+  # write to (kept between runs for the agent to read) and their timer.
+  exportRuntimeDirectory = {
+    RuntimeDirectory = "compliance-agent-export";
+    RuntimeDirectoryMode = "0755";
+    RuntimeDirectoryPreserve = true;
+  };
+  exportTimer = {
+    wantedBy = [ "timers.target" ];
+    timerConfig = {
+      OnBootSec = "1min";
+      OnUnitActiveSec = "5min";
+    };
+  };
 
   # The CLI as administrators use it: as the agent's user, with the same
   # credentials the service gets, so `%d/...` paths resolve and evidence
@@ -783,12 +808,9 @@ in
         pkgs.coreutils
         pkgs.util-linux
       ];
-      serviceConfig = {
+      serviceConfig = exportRuntimeDirectory // {
         Type = "oneshot";
         ExecStart = exportScript;
-        RuntimeDirectory = "compliance-agent-export";
-        RuntimeDirectoryMode = "0755";
-        RuntimeDirectoryPreserve = true;
         CapabilityBoundingSet = [
           "CAP_NET_ADMIN"
           "CAP_SYS_ADMIN"
@@ -799,13 +821,32 @@ in
         NoNewPrivileges = true;
       };
     };
-    systemd.timers.compliance-agent-nft-export = lib.mkIf config.networking.nftables.enable {
-      wantedBy = [ "timers.target" ];
-      timerConfig = {
-        OnBootSec = "1min";
-        OnUnitActiveSec = "5min";
+    systemd.timers.compliance-agent-nft-export = lib.mkIf config.networking.nftables.enable exportTimer;
+
+    systemd.services.compliance-agent-audit-export = lib.mkIf auditEnabled {
+      description = "Export the audit rules in force for the compliance agent";
+      # Listing the rules and the audit state needs CAP_AUDIT_CONTROL, which
+      # the agent does not have. The audit netlink socket exists only in the
+      # host's network namespace, so no PrivateNetwork.
+      path = [
+        pkgs.audit
+        pkgs.coreutils
+        pkgs.gnused
+      ];
+      serviceConfig = exportRuntimeDirectory // {
+        Type = "oneshot";
+        ExecStart = auditExportScript;
+        CapabilityBoundingSet = [ "CAP_AUDIT_CONTROL" ];
+        RestrictAddressFamilies = [
+          "AF_NETLINK"
+          "AF_UNIX"
+        ];
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        NoNewPrivileges = true;
       };
     };
+    systemd.timers.compliance-agent-audit-export = lib.mkIf auditEnabled exportTimer;
 
     systemd.services.compliance-agent-restore-test = lib.mkIf hasBackup {
       description = "Restore test of the ${cfg.baseline.backup.resticJob} backup (requested by the compliance agent)";
@@ -849,6 +890,7 @@ in
         "compliance-agent-rollback.service"
       ]
       ++ lib.optional config.networking.nftables.enable "compliance-agent-nft-export.service"
+      ++ lib.optional auditEnabled "compliance-agent-audit-export.service"
       ++ lib.optional hasBackup "compliance-agent-restore-test.service";
       startTemplates = [ "compliance-agent-switch@" ];
     };

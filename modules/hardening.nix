@@ -16,6 +16,13 @@ let
   # The pure functions tests/nix/check.sh evaluates and checks offline.
   egressRuleset = import ./lib/egress-ruleset.nix;
   auditRules = import ./lib/audit-rules.nix;
+  auditDirectories = import ./lib/audit-directories.nix;
+  peerUrl = import ./lib/peer-url.nix;
+
+  # Peers named by URL, reduced to what the allowlist matches (address, port).
+  avMirror = if cfg.antivirus.mirrorUrl == null then null else peerUrl cfg.antivirus.mirrorUrl;
+  updateCache =
+    if cfg.updates.substituterUrl == null then null else peerUrl cfg.updates.substituterUrl;
 
   isIP = s: builtins.match "([0-9]{1,3}\\.){3}[0-9]{1,3}|[0-9A-Fa-f]*:[0-9A-Fa-f:.]*" s != null;
 
@@ -50,9 +57,6 @@ let
   };
   rulesetFile = pkgs.writeText "compliance-nftables-rules" rulesetText;
 
-  setuidPrograms = lib.mapAttrsToList (name: _: "${config.security.wrapperDir}/${name}") (
-    lib.filterAttrs (_: w: w.setuid || w.setgid) config.security.wrappers
-  );
   agentSecretFiles = lib.optionals agentEnabled (
     lib.filter (f: f != null && lib.hasPrefix "/" f && !(lib.hasPrefix "%" f)) [
       agent.signingKeyFile
@@ -60,6 +64,22 @@ let
       agent.mcp.apiKeyFile
     ]
   );
+
+  auditRuleLines =
+    auditRules {
+      stateDir = agent.stateDir or "/var/lib/compliance-agent";
+      evidenceDir = agent.evidenceDir or "/var/lib/compliance-agent/evidence";
+      secretFiles = agentSecretFiles;
+      arches =
+        if pkgs.stdenv.hostPlatform.isx86_64 then
+          [
+            "b64"
+            "b32"
+          ]
+        else
+          [ "b64" ];
+    }
+    ++ cfg.audit.extraRules;
 
   offsetLimitSeconds = "${toString (cfg.timeSync.maxOffsetMs / 1000)}.${
     lib.fixedWidthString 3 "0" (toString (lib.mod cfg.timeSync.maxOffsetMs 1000))
@@ -101,21 +121,20 @@ in
         default = { };
         description = ''
           Egress allowlist. `mcp` (from services.compliance-agent.mcp), `ntp`
-          (from timeSync.servers) and `dns` (from dnsServers) are filled in;
-          add `backup` for the backup target and `update-cache` for the binary
-          cache the box updates from.
+          (from timeSync.servers), `dns` (from dnsServers), `av-mirror` (from
+          antivirus.mirrorUrl) and `update-cache` (from updates.substituterUrl)
+          are filled in; add `backup` for the backup target.
         '';
         example = lib.literalExpression ''
           {
             backup = { addresses = [ "198.51.100.20" ]; ports = [ 443 ]; };
-            update-cache = { addresses = [ "198.51.100.30" ]; ports = [ 443 ]; };
           }
         '';
       };
       dnsServers = lib.mkOption {
         type = lib.types.listOf lib.types.str;
         default = [ ];
-        description = "Resolvers the box may query (UDP and TCP 53). Empty: no DNS; name the MCP in networking.hosts.";
+        description = "Resolvers the box may query (UDP and TCP 53); they become networking.nameservers, and resolvers from DHCP are ignored (the firewall would drop them). Empty: no DNS; name the MCP in networking.hosts.";
         example = [ "192.0.2.53" ];
       };
       allowDhcp = lib.mkOption {
@@ -134,6 +153,44 @@ in
         default = rulesetFile;
         defaultText = lib.literalExpression "the ruleset rendered by modules/lib/egress-ruleset.nix";
         description = "The rendered ruleset; the agent's baseline names it.";
+      };
+    };
+
+    antivirus.mirrorUrl = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "http://198.51.100.30:8080";
+      description = ''
+        The MSP's ClamAV signature mirror, by IP address, as freshclam's
+        PrivateMirror. Required with services.clamav.updater and the egress
+        firewall: freshclam's default mirrors are host names behind a CDN,
+        which an address allowlist cannot admit, so without a mirror clamd
+        never gets a database. Allowlisted as egress `av-mirror`. The mirror
+        serves the .cvd/.cdiff files as ClamAV publishes them (for example
+        kept current with cvdupdate on the MSP's side); freshclam verifies
+        their signatures as usual.
+      '';
+    };
+
+    updates = {
+      substituterUrl = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        example = "https://198.51.100.30";
+        description = ''
+          The binary cache the box updates from, by IP address: the box's only
+          substituter (nix.settings.substituters), allowlisted as egress
+          `update-cache`. Others would only be dropped by the firewall.
+        '';
+      };
+      trustedPublicKeys = lib.mkOption {
+        type = lib.types.listOf lib.types.str;
+        default = [ ];
+        example = [ "msp-cache-1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=" ];
+        description = ''
+          Signing keys of that cache (nix.settings.trusted-public-keys). A
+          generation switch to a store path needs a signature by one of them.
+        '';
       };
     };
 
@@ -239,6 +296,10 @@ in
             message = "compliance.hardening.firewall replaces the NixOS firewall: remove networking.firewall.enable = true (inbound ports still come from networking.firewall.allowedTCPPorts/allowedUDPPorts), or set compliance.hardening.firewall.enable = false.";
           }
           {
+            assertion = !(config.services.clamav.updater.enable or false) || cfg.antivirus.mirrorUrl != null;
+            message = "services.clamav.updater is on, but freshclam's default mirrors are host names behind a CDN that the egress allowlist cannot admit: the box would never get signatures and av_health would fail for good. Set compliance.hardening.antivirus.mirrorUrl to the MSP's signature mirror by IP address (e.g. \"http://198.51.100.30:8080\"), or set compliance.hardening.firewall.enable = false.";
+          }
+          {
             assertion = !cfg.timeSync.enable || lib.all isIP cfg.timeSync.servers;
             message = "compliance.hardening.timeSync.servers must be IP addresses while the egress firewall is on (it matches addresses, not names); got ${toString cfg.timeSync.servers}. List NTP servers by address, or set compliance.hardening.firewall.enable = false.";
           }
@@ -267,7 +328,30 @@ in
             addresses = cfg.firewall.dnsServers;
             ports = [ 53 ];
           };
+          av-mirror = lib.mkIf (avMirror != null) {
+            addresses = [ avMirror.address ];
+            ports = [ avMirror.port ];
+          };
+          update-cache = lib.mkIf (updateCache != null) {
+            addresses = [ updateCache.address ];
+            ports = [ updateCache.port ];
+          };
         };
+        # The resolvers the allowlist admits are the ones the box uses;
+        # DHCP's would only be dropped.
+        networking.nameservers = cfg.firewall.dnsServers;
+        networking.dhcpcd.extraConfig = "nooption domain_name_servers";
+      })
+
+      (lib.mkIf (cfg.antivirus.mirrorUrl != null) {
+        services.clamav.updater.settings.PrivateMirror = [ cfg.antivirus.mirrorUrl ];
+      })
+
+      (lib.mkIf (cfg.updates.substituterUrl != null) {
+        # The only cache the egress allowlist admits; any other (the default
+        # cache.nixos.org) would only cost timeouts at every build.
+        nix.settings.substituters = lib.mkForce [ cfg.updates.substituterUrl ];
+        nix.settings.trusted-public-keys = cfg.updates.trustedPublicKeys;
       })
 
       (lib.mkIf cfg.audit.enable {
@@ -276,15 +360,25 @@ in
           enable = if cfg.audit.lockRules then "lock" else true;
           failureMode = "printk";
           backlogLimit = 8192;
-          rules =
-            auditRules {
-              stateDir = agent.stateDir or "/var/lib/compliance-agent";
-              evidenceDir = agent.evidenceDir or "/var/lib/compliance-agent/evidence";
-              secretFiles = agentSecretFiles;
-              privilegedPrograms = setuidPrograms;
-              arches = if pkgs.stdenv.hostPlatform.isx86_64 then [ "b64" "b32" ] else [ "b64" ];
+          rules = auditRuleLines;
+        };
+        # Every directory a rule needs exists before the rules load (a missing
+        # one makes auditctl -R stop there, leaving the rest and -e unloaded).
+        systemd.tmpfiles.rules = auditDirectories {
+          rules = auditRuleLines;
+          owners =
+            lib.optionalAttrs agentEnabled {
+              ${agent.stateDir} = "0750 ${agent.user} ${agent.user}";
             }
-            ++ cfg.audit.extraRules;
+            // lib.genAttrs (map dirOf agentSecretFiles) (_: "0700 root root");
+        };
+        systemd.services.audit-rules-nixos = {
+          after = [ "systemd-tmpfiles-setup.service" ];
+          # Locked rules (-e 2) cannot be replaced until reboot: restarting the
+          # unit in a switch would fail it and fail the switch. The new
+          # generation's rules load at the next boot; until then the agent's
+          # logging check reports them as pending a reboot (docs/nixos.md).
+          restartIfChanged = !cfg.audit.lockRules;
         };
       })
 

@@ -133,7 +133,7 @@ fn drain(dir: &Path) -> BenchResult<()> {
         ),
     )?;
     let loaded = compliance_agent::config::Config::load(Some(&config))?;
-    let evidence = compliance_agent::cli::open_evidence_store(&loaded)?;
+    let evidence = compliance_agent::resources::open_evidence_store(&loaded)?;
     for chunk in 0..DRAIN_BUNDLES / 10 {
         let drafts = (0..10)
             .map(|i| {

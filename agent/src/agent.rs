@@ -77,10 +77,10 @@ struct Shared {
 fn load(path: Option<&Path>) -> Result<Shared> {
     let config = Config::load(path)?;
     let (baseline, _) = load_baseline(&config, None, Path::new("/"))?;
-    let store = crate::cli::open_evidence_store(&config)?;
+    let store = crate::resources::open_evidence_store(&config)?;
     let (queue, mcp) = if config.mcp_url.is_some() {
         (
-            Some(Arc::new(Mutex::new(crate::cli::open_queue(&config)?))),
+            Some(Arc::new(Mutex::new(crate::resources::open_queue(&config)?))),
             Some(Arc::new(McpClient::from_config(&config)?)),
         )
     } else {

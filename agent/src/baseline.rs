@@ -111,9 +111,13 @@ pub struct Logging {
     pub auditd: bool,
     #[serde(default)]
     pub audit_rules: Vec<String>,
-    /// A root oneshot's `auditctl -l` output, for agents without CAP_AUDIT_CONTROL.
+    /// A root oneshot's `auditctl -l` output, for agents without CAP_AUDIT_CONTROL;
+    /// a `# enabled N` line in it carries `auditctl -s`'s state (2: locked).
     #[serde(default)]
     pub audit_rules_export_file: Option<PathBuf>,
+    /// The root oneshot that writes `audit_rules_export_file`, started before each read.
+    #[serde(default)]
+    pub audit_rules_export_unit: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -219,6 +223,7 @@ impl Baseline {
             auditd: exists("/usr/sbin/auditd") || exists("/run/current-system/sw/bin/auditd"),
             audit_rules: Vec::new(),
             audit_rules_export_file: None,
+            audit_rules_export_unit: None,
         });
         let firewall =
             (exists("/usr/sbin/nft") || exists("/run/current-system/sw/bin/nft")).then(|| {

@@ -14,11 +14,11 @@ use serde_json::json;
 
 use crate::config::{Config, ConfigError, public_key_path};
 use crate::crypto::{SigningKey, VerifyingKey};
-use crate::evidence::{self, Check, Draft, EvidenceStore, Filter, HostIdentity, Outcome};
+use crate::evidence::{self, Check, Draft, Filter, Outcome};
 use crate::mcp::{self, DeliverReport, McpClient, McpError, Selection};
-use crate::nixos::RunningSystem;
 use crate::orders::{self, OrderContext};
-use crate::queue::{Queue, QueueStats, unix_now};
+use crate::queue::{QueueStats, unix_now};
+use crate::resources::{open_evidence_store, open_queue};
 use crate::{Error, Result};
 
 /// HIPAA compliance agent for NixOS appliances: detects drift, heals it and
@@ -326,15 +326,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// The upload queue of `config`, with every bundle on disk accounted for.
-pub fn open_queue(config: &Config) -> Result<Queue> {
-    let mut queue = Queue::open_for(config)?;
-    if config.evidence_dir.is_dir() {
-        queue.reconcile(&config.evidence_dir, unix_now())?;
-    }
-    Ok(queue)
-}
-
 /// How long delivered rows stay in the queue before they are pruned.
 const DELIVERED_ROW_DAYS: i64 = 7;
 
@@ -550,49 +541,6 @@ fn config_check(path: Option<&Path>, json: bool) -> Result<ExitCode> {
     }
 }
 
-/// The signing key of `config`; the local default creates one on first use.
-pub fn load_signing_key(config: &Config) -> Result<SigningKey> {
-    let path = &config.signing_key_file;
-    if config.creates_signing_key() && !path.exists() {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|source| Error::Io {
-                context: format!("cannot create {}", parent.display()),
-                source,
-            })?;
-        }
-        let key = SigningKey::generate();
-        let public = public_key_path(path);
-        key.write_pair(path, &public)?;
-        eprintln!(
-            "compliance-agent: created a new evidence signing key at {} (public key {}, fingerprint {}); \
-             keep the private key safe and give the public key to whoever verifies the evidence",
-            path.display(),
-            public.display(),
-            key.verifying_key().fingerprint()
-        );
-        return Ok(key);
-    }
-    Ok(SigningKey::load(path)?)
-}
-
-/// The evidence store of `config`, ready to write.
-pub fn open_evidence_store(config: &Config) -> Result<EvidenceStore> {
-    let key = load_signing_key(config)?;
-    let host = HostIdentity {
-        site_id: config.site_id.clone(),
-        host_id: config.host_id.clone(),
-        deployment_mode: config.deployment_mode,
-        reseller_id: config.reseller_id.clone(),
-        policy_version: config.policy_version.clone(),
-    };
-    Ok(EvidenceStore::open(
-        &config.evidence_dir,
-        key,
-        host,
-        RunningSystem::detect(),
-    )?)
-}
-
 /// The key that evidence is checked against: an explicit public key, the
 /// public key beside the signing key, or the signing key itself.
 fn verifying_key(config: &Config, pubkey: Option<&Path>) -> Result<VerifyingKey> {
@@ -661,15 +609,10 @@ fn evidence_command(config: &Config, cmd: EvidenceCommand) -> Result<ExitCode> {
             json,
         } => {
             let check = parse_check(&check)?;
-            if check == Check::EvidenceRetention {
-                return Err(Error::Usage(
-                    "evidence_retention bundles are written by `evidence prune` only".into(),
-                ));
-            }
-            if check == Check::McpOrder {
-                return Err(Error::Usage(
-                    "mcp_order bundles are written by `orders poll` only".into(),
-                ));
+            if let Some(writer) = check.agent_only() {
+                return Err(Error::Usage(format!(
+                    "{check} bundles are written by {writer} only"
+                )));
             }
             let mut draft = Draft::new(check, parse_outcome(&outcome)?);
             draft.post_state = json!({
@@ -707,40 +650,62 @@ fn evidence_command(config: &Config, cmd: EvidenceCommand) -> Result<ExitCode> {
                     .transpose()?,
                 limit: filter.limit,
             };
-            let items = evidence::list(&config.evidence_dir, &filter)?;
+            // Each line says whether its signature verifies: edited content is never shown as if it were signed.
+            let key = verifying_key(config, None).ok();
+            let listing = evidence::list_checked(&config.evidence_dir, &filter, key.as_ref())?;
+            let items = &listing.items;
             if json {
-                print_json(&items)?;
+                print_json(items)?;
             } else {
                 out!(
-                    "{:>6}  {:<30}  {:<18}  {:<9}  BUNDLE_ID",
+                    "{:>6}  {:<30}  {:<18}  {:<9}  {:<9}  BUNDLE_ID",
                     "SEQ",
                     "TIMESTAMP",
                     "CHECK",
-                    "OUTCOME"
+                    "OUTCOME",
+                    "SIGNATURE"
                 );
-                for s in &items {
+                for s in items {
+                    let mark = match s.signature.as_deref() {
+                        Some("valid") => "valid",
+                        Some(_) => "INVALID",
+                        None => "unchecked",
+                    };
                     out!(
-                        "{:>6}  {:<30}  {:<18}  {:<9}  {}",
+                        "{:>6}  {:<30}  {:<18}  {:<9}  {:<9}  {}",
                         s.seq,
                         s.timestamp_end.to_string(),
                         s.check.as_str(),
                         s.outcome.as_str(),
+                        mark,
                         s.bundle_id
                     );
                 }
             }
-            Ok(ExitCode::SUCCESS)
+            for u in &listing.unreadable {
+                eprintln!(
+                    "compliance-agent: unreadable bundle {}: {} (run `evidence verify`)",
+                    u.dir.display(),
+                    u.reason
+                );
+            }
+            let invalid = items
+                .iter()
+                .any(|s| s.signature.as_deref().is_some_and(|m| m != "valid"));
+            Ok(if listing.unreadable.is_empty() && !invalid {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         EvidenceCommand::Show { bundle_id, json } => {
             let (bundle, dir) = evidence::find(&config.evidence_dir, &bundle_id)?;
             let signature = match verifying_key(config, None) {
-                Ok(key) => match crate::crypto::verify_file(
-                    &key,
-                    &dir.join(evidence::BUNDLE_FILE),
-                    &dir.join(evidence::SIGNATURE_FILE),
-                ) {
-                    Ok(true) => format!("valid ({})", key.fingerprint()),
-                    Ok(false) => format!("INVALID for key {}", key.fingerprint()),
+                Ok(key) => match evidence::read_bundle_files(&dir) {
+                    Ok((data, sig)) if key.verify(&data, &sig).is_ok() => {
+                        format!("valid ({})", key.fingerprint())
+                    }
+                    Ok(_) => format!("INVALID for key {}", key.fingerprint()),
                     Err(e) => format!("cannot be checked ({e})"),
                 },
                 Err(e) => format!("not checked ({e})"),
@@ -780,6 +745,14 @@ fn evidence_command(config: &Config, cmd: EvidenceCommand) -> Result<ExitCode> {
                 return Err(Error::Usage(format!(
                     "{} is not an evidence directory",
                     root.display()
+                )));
+            }
+            if let Some(store) = evidence::store_containing(&root) {
+                return Err(Error::Usage(format!(
+                    "{} is inside the evidence store {}; verify the whole store: --dir {}",
+                    root.display(),
+                    store.display(),
+                    store.display()
                 )));
             }
             let report = evidence::verify(&root, &key)?;
@@ -845,6 +818,8 @@ fn evidence_command(config: &Config, cmd: EvidenceCommand) -> Result<ExitCode> {
         } => {
             let store = open_evidence_store(config)?;
             let days = retention_days.unwrap_or(config.evidence_retention_days);
+            crate::config::check_retention_days(days)
+                .map_err(|e| Error::Usage(format!("--retention-days {days}: {e}")))?;
             let report = if config.mcp_url.is_some() {
                 // Only what the MCP acknowledged may leave the box.
                 let acknowledged = open_queue(config)?.acknowledged()?;

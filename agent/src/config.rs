@@ -290,6 +290,11 @@ fn serialize_display<S: serde::Serializer, T: fmt::Display>(
 /// The process environment, injectable for tests.
 pub trait Env {
     fn var(&self, name: &str) -> Option<String>;
+
+    /// Whether `name` is set to something that is not UTF-8 (refused, never ignored).
+    fn not_unicode(&self, _name: &str) -> bool {
+        false
+    }
 }
 
 /// The real process environment.
@@ -299,12 +304,26 @@ impl Env for ProcessEnv {
     fn var(&self, name: &str) -> Option<String> {
         std::env::var(name).ok()
     }
+
+    fn not_unicode(&self, name: &str) -> bool {
+        matches!(std::env::var(name), Err(std::env::VarError::NotUnicode(_)))
+    }
 }
 
 impl Env for BTreeMap<String, String> {
     fn var(&self, name: &str) -> Option<String> {
         self.get(name).cloned()
     }
+}
+
+/// The bounds of evidence_retention_days, for the config and for `evidence prune --retention-days`.
+pub fn check_retention_days(days: u32) -> Result<(), String> {
+    if days == 0 {
+        return Err(
+            "must be at least 1 (evidence older than this may be pruned once delivered)".into(),
+        );
+    }
+    Ok(())
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/compliance-agent";
@@ -374,6 +393,13 @@ pub fn public_key_path(private: &Path) -> PathBuf {
 fn apply_env(table: &mut toml::Table, env: &dyn Env) -> Result<(), ConfigError> {
     for (key, kind) in KEYS {
         let var = key.to_ascii_uppercase();
+        if env.not_unicode(&var) {
+            return Err(ConfigError::Env {
+                value: String::new(),
+                message: "is not valid UTF-8; set it to UTF-8 text or unset it".into(),
+                var,
+            });
+        }
         let Some(value) = env.var(&var).filter(|v| !v.is_empty()) else {
             continue;
         };
@@ -514,6 +540,7 @@ fn resolve(raw: RawConfig, source: ConfigSource, env: &dyn Env) -> Result<Config
         }
     });
 
+    let raw_site_given = raw.site_id.is_some();
     let site_id = match raw.site_id {
         Some(id) => id,
         None if embedded => "local".into(),
@@ -525,7 +552,7 @@ fn resolve(raw: RawConfig, source: ConfigSource, env: &dyn Env) -> Result<Config
             String::new()
         }
     };
-    if !site_id.is_empty() && !valid_id(&site_id) {
+    if (raw_site_given || embedded) && !valid_id(&site_id) {
         issues.add("site_id", format!("{site_id:?} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"));
     }
     let host_id = raw.host_id.unwrap_or_else(hostname);
@@ -688,24 +715,21 @@ fn resolve(raw: RawConfig, source: ConfigSource, env: &dyn Env) -> Result<Config
     );
     let order_runbook_allowlist = raw
         .order_runbook_allowlist
-        .unwrap_or_else(|| vec![crate::orders::COLLECT_EVIDENCE.to_owned()]);
+        .unwrap_or_else(|| vec![crate::runbook_ids::COLLECT_EVIDENCE.to_owned()]);
     for runbook in &order_runbook_allowlist {
-        if !crate::orders::KNOWN_RUNBOOKS.contains(&runbook.as_str()) {
+        if !crate::runbook_ids::RUNBOOK_IDS.contains(&runbook.as_str()) {
             issues.add(
                 "order_runbook_allowlist",
                 format!(
                     "{runbook:?} is not a runbook this agent has; use some of {}",
-                    crate::orders::KNOWN_RUNBOOKS.join(", ")
+                    crate::runbook_ids::RUNBOOK_IDS.join(", ")
                 ),
             );
         }
     }
     let evidence_retention_days = raw.evidence_retention_days.unwrap_or(90);
-    if evidence_retention_days == 0 {
-        issues.add(
-            "evidence_retention_days",
-            "must be at least 1 (evidence older than this may be pruned once delivered)",
-        );
+    if let Err(e) = check_retention_days(evidence_retention_days) {
+        issues.add("evidence_retention_days", e);
     }
 
     let timezone = raw.timezone.unwrap_or_else(|| "UTC".into());

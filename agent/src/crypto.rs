@@ -45,6 +45,60 @@ pub enum CryptoError {
 
 pub type Result<T> = std::result::Result<T, CryptoError>;
 
+/// The object identifier of Ed25519 keys (RFC 8410).
+pub const ED25519_OID: &str = "1.3.101.112";
+
+/// Says in words what is wrong with a key file that did not parse: empty, not
+/// PEM, or a key of another algorithm (named with its OID and Ed25519's).
+fn pem_problem(pem: &str, expected_label: &str) -> Option<String> {
+    use base64::Engine as _;
+    if pem.trim().is_empty() {
+        return Some("the file is empty".into());
+    }
+    let Some(begin) = pem.find("-----BEGIN ") else {
+        return Some("no PEM block (-----BEGIN ...-----) in the file".into());
+    };
+    let label_end = pem[begin + 11..].find("-----")?;
+    let label = &pem[begin + 11..begin + 11 + label_end];
+    if label != expected_label {
+        return Some(format!(
+            "it holds a PEM block labelled {label:?}, expected {expected_label:?} with an Ed25519 key (OID {ED25519_OID})"
+        ));
+    }
+    let body: String = pem[begin + 16 + label_end..]
+        .lines()
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body.trim())
+        .ok()?;
+    const KNOWN: &[(&[u8], &str, &str)] = &[
+        (
+            &[
+                0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01,
+            ],
+            "RSA",
+            "1.2.840.113549.1.1.1",
+        ),
+        (
+            &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01],
+            "EC",
+            "1.2.840.10045.2.1",
+        ),
+        (&[0x06, 0x03, 0x2b, 0x65, 0x71], "Ed448", "1.3.101.113"),
+        (&[0x06, 0x03, 0x2b, 0x65, 0x6e], "X25519", "1.3.101.110"),
+        (&[0x06, 0x03, 0x2b, 0x65, 0x6f], "X448", "1.3.101.111"),
+    ];
+    KNOWN
+        .iter()
+        .find(|(oid, _, _)| der.windows(oid.len()).any(|w| w == *oid))
+        .map(|(_, name, oid)| {
+            format!(
+                "it is an {name} key (OID {oid}); only Ed25519 keys (OID {ED25519_OID}) are used"
+            )
+        })
+}
+
 /// SHA-256 of `data` as lowercase hex.
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
@@ -90,16 +144,31 @@ impl SigningKey {
             .map_err(|e| e.to_string())
     }
 
-    /// Loads a PKCS#8 PEM private key file.
+    /// Loads a PKCS#8 PEM private key file. A key that others may read or
+    /// write is still used (refusing would stop all evidence) but said loudly.
     pub fn load(path: &Path) -> Result<Self> {
         let pem = fs::read_to_string(path).map_err(|source| CryptoError::ReadKey {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_pkcs8_pem(&pem).map_err(|reason| CryptoError::BadPrivateKey {
+        let key = Self::from_pkcs8_pem(&pem).map_err(|reason| CryptoError::BadPrivateKey {
             path: path.to_owned(),
-            reason,
-        })
+            reason: pem_problem(&pem, "PRIVATE KEY").unwrap_or(reason),
+        })?;
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = fs::metadata(path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            let message = format!(
+                "signing key {} has mode {:04o}: others can read or change it and so forge evidence; run `chmod 600 {}`",
+                path.display(),
+                meta.permissions().mode() & 0o7777,
+                path.display()
+            );
+            tracing::warn!("{message}");
+            eprintln!("compliance-agent: warning: {message}");
+        }
+        Ok(key)
     }
 
     pub fn to_pkcs8_pem(&self) -> Result<String> {
@@ -181,7 +250,7 @@ impl VerifyingKey {
         })?;
         Self::from_spki_pem(&pem).map_err(|reason| CryptoError::BadPublicKey {
             path: path.to_owned(),
-            reason,
+            reason: pem_problem(&pem, "PUBLIC KEY").unwrap_or(reason),
         })
     }
 
@@ -253,6 +322,24 @@ pub fn verify_file(key: &VerifyingKey, data_path: &Path, sig_path: &Path) -> std
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_file_problems_are_named() {
+        assert_eq!(
+            pem_problem("", "PRIVATE KEY").as_deref(),
+            Some("the file is empty")
+        );
+        assert!(pem_problem("hello", "PRIVATE KEY").is_some_and(|m| m.contains("no PEM block")));
+        // `openssl genpkey -algorithm ed448`
+        let ed448 = "-----BEGIN PRIVATE KEY-----\nMEcCAQAwBQYDK2VxBDsEOQ2fJ0b6rFS5Q4LJTtJZp5mY3oC8BtH+1lY5s1C6v0oG\nzR8qgE1bJ2rN7jdRk9w2y8P0cXQbqL3uEW0=\n-----END PRIVATE KEY-----\n";
+        let message = pem_problem(ed448, "PRIVATE KEY").unwrap_or_default();
+        assert!(
+            message.contains("Ed448") && message.contains(ED25519_OID),
+            "{message}"
+        );
+        let rsa = "-----BEGIN RSA PRIVATE KEY-----\nMIIB\n-----END RSA PRIVATE KEY-----\n";
+        assert!(pem_problem(rsa, "PRIVATE KEY").is_some_and(|m| m.contains("RSA PRIVATE KEY")));
+    }
 
     #[test]
     fn pem_round_trip_and_signatures() {

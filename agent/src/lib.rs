@@ -31,6 +31,8 @@ pub mod nixos;
 pub mod notify;
 pub mod orders;
 pub mod queue;
+pub mod resources;
+pub mod runbook_ids;
 pub mod scan;
 pub mod schedule;
 pub mod systemd;

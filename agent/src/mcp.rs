@@ -1,6 +1,5 @@
 //! The HTTPS client of the MCP protocol v1 (docs/protocol.md): mutual TLS with rustls, only the configured CA, no redirects.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +15,9 @@ use crate::queue::{Failure, Queue, Upload, UploadState, unix_now};
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest answer body the client reads; anything longer is a protocol error.
 pub const MAX_RESPONSE_BYTES: u64 = 1 << 20;
-/// Largest bundle.json the client sends (the server's limit is the same).
-pub const MAX_BUNDLE_BYTES: u64 = 512 * 1024;
+/// Largest bundle.json the client sends (the server's limit is the same, and
+/// the evidence writer refuses to seal a larger one).
+pub const MAX_BUNDLE_BYTES: u64 = crate::evidence::MAX_BUNDLE_BYTES;
 /// Uploads acknowledged before the queue records them in one transaction.
 const MARK_BATCH: usize = 64;
 
@@ -425,22 +425,10 @@ struct IdView {
 }
 
 fn read_bundle(dir: &Path) -> Result<(Vec<u8>, Vec<u8>)> {
-    let bad = |reason: String| McpError::Bundle {
+    crate::evidence::read_bundle_files(dir).map_err(|reason| McpError::Bundle {
         dir: dir.to_owned(),
         reason,
-    };
-    let mut json = Vec::new();
-    std::fs::File::open(dir.join(BUNDLE_FILE))
-        .and_then(|f| f.take(MAX_BUNDLE_BYTES + 1).read_to_end(&mut json))
-        .map_err(|e| bad(format!("{BUNDLE_FILE}: {e}")))?;
-    if json.len() as u64 > MAX_BUNDLE_BYTES {
-        return Err(bad(format!(
-            "{BUNDLE_FILE} is larger than {MAX_BUNDLE_BYTES} bytes"
-        )));
-    }
-    let sig = std::fs::read(dir.join(SIGNATURE_FILE))
-        .map_err(|e| bad(format!("{SIGNATURE_FILE}: {e}")))?;
-    Ok((json, sig))
+    })
 }
 
 /// A multipart/form-data body of named files; returns (content type, body).

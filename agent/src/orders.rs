@@ -19,9 +19,7 @@ use crate::queue::{Claim, NewUpload, Queue, order_route};
 /// DSSE payloadType of an order.
 pub const ORDER_PAYLOAD_TYPE: &str = "application/vnd.compliance-agent.order+json";
 /// The runbook that records the box's current state.
-pub const COLLECT_EVIDENCE: &str = "collect_evidence";
-/// Every runbook this agent can run; `order_runbook_allowlist` picks from these.
-pub const KNOWN_RUNBOOKS: &[&str] = crate::heal::runbooks::RUNBOOK_IDS;
+pub use crate::runbook_ids::COLLECT_EVIDENCE;
 /// Shortest lifetime an order may have (the platform spec's `ttl >= 60`).
 pub const MIN_TTL_SEC: u64 = 60;
 /// Longest lifetime: bounds how long nonces must be remembered.
@@ -246,7 +244,13 @@ pub fn check_params(runbook_id: &str, params: &Value) -> Result<(), String> {
                 .map_err(|e| format!("params do not match {runbook_id}: {e}"))?;
             for name in &p.checks {
                 match Check::parse(name) {
-                    Some(Check::EvidenceRetention | Check::McpOrder) | None => {
+                    Some(c) if c.agent_only().is_some() => {
+                        return Err(format!(
+                            "params do not match {runbook_id}: {:?} is not one of the baseline checks",
+                            truncate(name)
+                        ));
+                    }
+                    None => {
                         return Err(format!(
                             "params do not match {runbook_id}: {:?} is not one of the baseline checks",
                             truncate(name)
@@ -501,6 +505,53 @@ fn describe_refused(listed: &ListedOrder) -> (Value, Option<String>) {
 /// Processes one listed order: checks it, runs it if every check passes,
 /// writes the signed outcome bundle and queues it for the result endpoint.
 pub fn process(listed: &ListedOrder, ctx: &mut OrderContext<'_>) -> crate::Result<Processed> {
+    process_budgeted(listed, ctx, &mut RefusalBudget::unlimited())
+}
+
+/// Most refusal bundles one poll writes; beyond it refusals are summarised in one bundle.
+pub const MAX_REFUSAL_BUNDLES_PER_POLL: u64 = 10;
+/// Most refusal bundles written per UTC day; beyond it refusals wait or are summarised.
+pub const MAX_REFUSAL_BUNDLES_PER_DAY: u64 = 200;
+
+/// How many refusal bundles a poll may still write, and what it refused beyond that.
+struct RefusalBudget {
+    left: u64,
+    written: u64,
+    /// Refusals not recorded one by one: (listed id, reason).
+    over: Vec<(String, String)>,
+}
+
+impl RefusalBudget {
+    fn unlimited() -> Self {
+        Self {
+            left: u64::MAX,
+            written: 0,
+            over: Vec::new(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        if self.left == 0 {
+            return false;
+        }
+        self.left -= 1;
+        self.written += 1;
+        true
+    }
+}
+
+fn listing_sha256(listed: &ListedOrder) -> String {
+    let mut bytes = listed.order_id.as_bytes().to_vec();
+    bytes.push(0);
+    bytes.extend_from_slice(listed.envelope.get().as_bytes());
+    sha256_hex(&bytes)
+}
+
+fn process_budgeted(
+    listed: &ListedOrder,
+    ctx: &mut OrderContext<'_>,
+    budget: &mut RefusalBudget,
+) -> crate::Result<Processed> {
     let route_id = valid_order_id(&listed.order_id).then(|| listed.order_id.clone());
     if let Some(id) = &route_id
         && let Some(record) = ctx.queue.order(id)?
@@ -532,6 +583,46 @@ pub fn process(listed: &ListedOrder, ctx: &mut OrderContext<'_>) -> crate::Resul
     let started = Timestamp::now();
     match check(listed, ctx) {
         Err(refusal) => {
+            let listing = listing_sha256(listed);
+            if route_id.is_none()
+                && let Some(bundle_id) = ctx.queue.refused_listing(&listing)?
+            {
+                // Refused before: its evidence exists (or was summarised); nothing new.
+                return Ok(Processed {
+                    order_id: truncate(&listed.order_id),
+                    outcome: refusal.outcome,
+                    runbook_id: None,
+                    reason: Some(format!("{} (refused before)", refusal.reason)),
+                    bundle_id,
+                    already_answered: true,
+                });
+            }
+            if !budget.take() {
+                // Over the limit: an answerable order waits for a later poll;
+                // one with no id to answer under is remembered and summarised.
+                if route_id.is_none() {
+                    ctx.queue.note_refused_listing(
+                        &listing,
+                        &truncate(&listed.order_id),
+                        None,
+                        ctx.now.as_second(),
+                    )?;
+                }
+                budget
+                    .over
+                    .push((truncate(&listed.order_id), refusal.reason.clone()));
+                return Ok(Processed {
+                    order_id: truncate(&listed.order_id),
+                    outcome: refusal.outcome,
+                    runbook_id: None,
+                    reason: Some(format!(
+                        "{} (over the limit of refusal evidence; summarised)",
+                        refusal.reason
+                    )),
+                    bundle_id: None,
+                    already_answered: false,
+                });
+            }
             let (pre_state, runbook) = describe_refused(listed);
             tracing::warn!(order = %truncate(&listed.order_id), reason = %refusal.reason, "refused an MCP order");
             let mut draft = Draft::new(Check::McpOrder, refusal.outcome);
@@ -546,6 +637,12 @@ pub fn process(listed: &ListedOrder, ctx: &mut OrderContext<'_>) -> crate::Resul
                 None => {
                     // No id to report under: the refusal goes out as plain evidence.
                     let stored = ctx.store.store(draft)?;
+                    ctx.queue.note_refused_listing(
+                        &listing,
+                        &truncate(&listed.order_id),
+                        Some(&stored.bundle_id),
+                        ctx.now.as_second(),
+                    )?;
                     ctx.queue.enqueue(
                         &[NewUpload {
                             bundle_id: stored.bundle_id.clone(),
@@ -619,6 +716,11 @@ pub fn process(listed: &ListedOrder, ctx: &mut OrderContext<'_>) -> crate::Resul
 pub const MAX_ORDERS_PER_POLL: usize = 100;
 
 /// Fetches the pending orders and processes each (the results are queued, not sent).
+///
+/// Refusal evidence is limited: at most MAX_REFUSAL_BUNDLES_PER_POLL bundles
+/// per poll and MAX_REFUSAL_BUNDLES_PER_DAY per UTC day; refusals beyond that
+/// are summarised in one bundle per poll (while the day's limit allows), so a
+/// stream of junk listings cannot grow the store without bound.
 pub fn poll(client: &McpClient, ctx: &mut OrderContext<'_>) -> crate::Result<Vec<Processed>> {
     let listed = client.orders()?;
     if listed.len() > MAX_ORDERS_PER_POLL {
@@ -627,11 +729,53 @@ pub fn poll(client: &McpClient, ctx: &mut OrderContext<'_>) -> crate::Result<Vec
             "more orders than one poll handles; the rest wait for the next poll"
         );
     }
-    listed
+    let now = ctx.now.as_second();
+    let today = ctx.queue.refusal_bundles_today(now)?;
+    let day_left = MAX_REFUSAL_BUNDLES_PER_DAY.saturating_sub(today);
+    let mut budget = RefusalBudget {
+        // One unit of the day's allowance stays for the summary.
+        left: MAX_REFUSAL_BUNDLES_PER_POLL.min(day_left.saturating_sub(1)),
+        written: 0,
+        over: Vec::new(),
+    };
+    let processed = listed
         .iter()
         .take(MAX_ORDERS_PER_POLL)
-        .map(|l| process(l, ctx))
-        .collect()
+        .map(|l| process_budgeted(l, ctx, &mut budget))
+        .collect::<crate::Result<Vec<_>>>()?;
+    let mut written = budget.written;
+    if !budget.over.is_empty() && day_left > written {
+        let mut draft = Draft::new(Check::McpOrder, Outcome::Rejected);
+        draft.error = Some(format!(
+            "{} order listing(s) refused beyond the limit of refusal evidence ({MAX_REFUSAL_BUNDLES_PER_POLL} bundles per poll, {MAX_REFUSAL_BUNDLES_PER_DAY} per day); summarised here",
+            budget.over.len()
+        ));
+        draft.pre_state = json!({
+            "refused": budget.over.len(),
+            "sample": budget.over.iter().take(20).map(|(id, reason)| json!({ "listed_order_id": id, "reason": reason })).collect::<Vec<_>>(),
+        });
+        draft.post_state = json!({ "ran": false });
+        let stored = ctx.store.store(draft)?;
+        ctx.queue.enqueue(
+            &[NewUpload {
+                bundle_id: stored.bundle_id,
+                seq: stored.seq,
+                dir: stored.dir,
+                order_id: None,
+            }],
+            now,
+        )?;
+        written += 1;
+    } else if !budget.over.is_empty() {
+        tracing::warn!(
+            refused = budget.over.len(),
+            "order listings refused after the day's limit of refusal evidence; not recorded"
+        );
+    }
+    if written > 0 {
+        ctx.queue.count_refusal_bundles(written, now)?;
+    }
+    Ok(processed)
 }
 
 /// Stores the outcome bundle and records the order as answered (which queues the bundle).

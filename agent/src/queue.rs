@@ -51,7 +51,21 @@ const MIGRATIONS: &[&str] = &[
         finished_at INTEGER
     );
     CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
+    // 2: order listings refused without an order id to answer under, so that
+    // a stuck listing is refused (and recorded as evidence) once, not at every poll.
+    "CREATE TABLE refused_listings (
+        listing_sha256 TEXT PRIMARY KEY,
+        listed_order_id TEXT NOT NULL,
+        bundle_id TEXT,
+        first_seen INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL
+    );",
 ];
+
+/// meta keys: the UTC day (days since the epoch) and how many order-refusal
+/// bundles were written on it (the daily limit of refusal evidence).
+const REFUSAL_DAY: &str = "refusal_bundles_day";
+const REFUSAL_COUNT: &str = "refusal_bundles_count";
 
 /// meta key: every bundle with a seq at or below this was delivered and its row pruned.
 const DELIVERED_WATERMARK: &str = "delivered_watermark_seq";
@@ -382,6 +396,7 @@ impl Queue {
         };
         let watermark = self.watermark()?;
         let mut missing = Vec::new();
+        let mut orders: Vec<evidence::Bundle> = Vec::new();
         for r in evidence::bundle_refs(evidence_dir)? {
             if known.contains(&r.bundle_id) {
                 continue;
@@ -391,6 +406,9 @@ impl Queue {
                 tracing::warn!(dir = %r.dir.display(), "bundle cannot be read; not queued");
                 continue;
             };
+            if bundle.check == Check::McpOrder {
+                orders.push(bundle.clone());
+            }
             if bundle.seq <= watermark {
                 continue;
             }
@@ -407,7 +425,63 @@ impl Queue {
                 "queued bundles found on disk but not in the upload queue"
             );
         }
+        orders.sort_by_key(|b| b.seq);
+        self.remember_orders(&orders)?;
         self.enqueue(&missing, now)
+    }
+
+    /// Rebuilds processed orders and seen nonces from `mcp_order` bundles the
+    /// database does not know (after it was lost): the evidence records every
+    /// order answered and the nonce of every order accepted, so a lost
+    /// database never lets an order run twice.
+    fn remember_orders(&mut self, bundles: &[evidence::Bundle]) -> Result<()> {
+        let path = self.path.clone();
+        let sql = |source| QueueError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(&sql)?;
+        let mut rebuilt = (0, 0);
+        for b in bundles {
+            let Some(order_id) = &b.order_id else {
+                continue;
+            };
+            let at = b.timestamp_end.as_second();
+            rebuilt.0 += tx
+                .execute(
+                    "INSERT OR IGNORE INTO orders (order_id, state, outcome, bundle_id, received_at, finished_at)
+                     VALUES (?1, 'done', ?2, ?3, ?4, ?4)",
+                    params![order_id, b.outcome.as_str(), b.bundle_id, at],
+                )
+                .map_err(&sql)?;
+            // Accepted orders (and replays refused for their nonce) record the verified order.
+            let order = &b.pre_state["order"];
+            if let Some(nonce) = order["nonce"].as_str() {
+                let issued = order["issued_at"]
+                    .as_str()
+                    .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                    .map_or(at, |t| t.as_second());
+                let ttl = order["ttl"].as_i64().unwrap_or(0);
+                // As long as any order could still be current, plus the largest clock skew allowed.
+                let expires_at =
+                    issued.max(at) + ttl.max(crate::orders::MAX_TTL_SEC as i64) + 86_400;
+                rebuilt.1 += tx
+                    .execute(
+                        "INSERT OR IGNORE INTO seen_nonces (nonce, order_id, seen_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                        params![nonce, order_id, at, expires_at],
+                    )
+                    .map_err(&sql)?;
+            }
+        }
+        tx.commit().map_err(&sql)?;
+        if rebuilt != (0, 0) {
+            tracing::warn!(
+                orders = rebuilt.0,
+                nonces = rebuilt.1,
+                "rebuilt processed orders and seen nonces from the evidence (the state database had lost them)"
+            );
+        }
+        Ok(())
     }
 
     fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Upload> {
@@ -550,6 +624,76 @@ impl Queue {
             .map_err(self.sql())
     }
 
+    /// The refusal bundle of a listing refused before (Some(None): refused, summarised only).
+    pub fn refused_listing(&self, listing_sha256: &str) -> Result<Option<Option<String>>> {
+        self.conn
+            .query_row(
+                "SELECT bundle_id FROM refused_listings WHERE listing_sha256 = ?1",
+                [listing_sha256],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()
+            .map_err(self.sql())
+    }
+
+    /// Remembers a refused listing (and the bundle recording it, if one was written).
+    pub fn note_refused_listing(
+        &mut self,
+        listing_sha256: &str,
+        listed_order_id: &str,
+        bundle_id: Option<&str>,
+        now: i64,
+    ) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO refused_listings (listing_sha256, listed_order_id, bundle_id, first_seen, last_seen)
+                 VALUES (?1, ?2, ?3, ?4, ?4)
+                 ON CONFLICT (listing_sha256) DO UPDATE SET last_seen = excluded.last_seen",
+                params![listing_sha256, listed_order_id, bundle_id, now],
+            )
+            .map(|_| ())
+            .map_err(self.sql())
+    }
+
+    /// How many order-refusal bundles were written on the UTC day of `now`.
+    pub fn refusal_bundles_today(&self, now: i64) -> Result<u64> {
+        let meta = |key: &str| -> Result<i64> {
+            Ok(self
+                .conn
+                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()
+                .map_err(self.sql())?
+                .unwrap_or(-1))
+        };
+        if meta(REFUSAL_DAY)? != now.div_euclid(86_400) {
+            return Ok(0);
+        }
+        Ok(meta(REFUSAL_COUNT)?.max(0) as u64)
+    }
+
+    /// Counts `n` more order-refusal bundles on the UTC day of `now`.
+    pub fn count_refusal_bundles(&mut self, n: u64, now: i64) -> Result<()> {
+        let today = self.refusal_bundles_today(now)? + n;
+        let path = self.path.clone();
+        let sql = |source| QueueError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(&sql)?;
+        for (key, value) in [
+            (REFUSAL_DAY, now.div_euclid(86_400)),
+            (REFUSAL_COUNT, today as i64),
+        ] {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![key, value],
+            )
+            .map_err(&sql)?;
+        }
+        tx.commit().map_err(&sql)
+    }
+
     fn watermark(&self) -> Result<u64> {
         let value: Option<i64> = self
             .conn
@@ -616,6 +760,11 @@ impl Queue {
         }
         tx.execute("DELETE FROM seen_nonces WHERE expires_at < ?1", [now])
             .map_err(&sql)?;
+        tx.execute(
+            "DELETE FROM refused_listings WHERE last_seen < ?1",
+            [now - ORDER_RECORD_DAYS * 86_400],
+        )
+        .map_err(&sql)?;
         tx.execute(
             "DELETE FROM orders WHERE state = 'done' AND finished_at < ?1",
             [now - ORDER_RECORD_DAYS * 86_400],

@@ -144,7 +144,7 @@ pub fn run_scan(config: &Config, options: &ScanOptions<'_>) -> Result<ExitCode> 
     let score = drift::score(&results);
 
     let bundles = if write_evidence {
-        let store = crate::cli::open_evidence_store(config)?;
+        let store = crate::resources::open_evidence_store(config)?;
         let drafts: Vec<Draft> = results
             .iter()
             .filter(|r| r.status != Status::NotApplicable)
@@ -374,7 +374,7 @@ pub fn run_heal(
         let store = if dry_run {
             None
         } else {
-            Some(Arc::new(crate::cli::open_evidence_store(config)?))
+            Some(Arc::new(crate::resources::open_evidence_store(config)?))
         };
         let lines = heal_cycle(&mut engine, store.as_ref(), only, false)
             .await?

@@ -762,3 +762,119 @@ fn sigkill_during_flush_loses_and_duplicates_nothing() -> TestResult {
     assert_eq!(ch.queue_stats()["pending"], 0, "queue drained");
     Ok(())
 }
+
+#[test]
+fn a_lost_database_never_lets_an_order_run_twice() -> TestResult {
+    // Invariant (item 7): processed orders and seen nonces are rebuilt from
+    // the mcp_order bundles, so after agent.db is lost neither the same order
+    // nor another order with its nonce runs again.
+    let mut ch = Channel::new();
+    ch.start_server();
+    let server = ch.server_store();
+    let key = SigningKey::load(&ch.server_state.join(mcp_server::store::ORDER_KEY_FILE))?;
+    let used_nonce = nonce();
+    let first = order(
+        SITE,
+        HOST,
+        COLLECT_EVIDENCE,
+        json!({}),
+        &used_nonce,
+        Timestamp::now(),
+        600,
+    );
+    queue_order(&server, &first, &key)?;
+    let out = run_ok(&ch, &["orders", "poll", "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["orders"][0]["outcome"], "success", "{report}");
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", ch.db_path().display()));
+    }
+    // The same order listed again, and another order reusing its nonce.
+    queue_order(&server, &first, &key)?;
+    let replay = order(
+        SITE,
+        HOST,
+        COLLECT_EVIDENCE,
+        json!({}),
+        &used_nonce,
+        Timestamp::now(),
+        600,
+    );
+    queue_order(&server, &replay, &key)?;
+    let out = ch.agent(&["orders", "poll", "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout)?;
+    let by_id = |id: &str| {
+        report["orders"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|o| o["order_id"] == id)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(
+        by_id(&first.order_id)["already_answered"],
+        true,
+        "the answered order is known again from the evidence: {report}"
+    );
+    let replayed = by_id(&replay.order_id);
+    assert_eq!(replayed["outcome"], "rejected", "{report}");
+    assert!(
+        replayed["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("nonce already used")),
+        "the nonce is known again from the evidence: {report}"
+    );
+    let ran = compliance_agent::evidence::list(
+        &ch.dir.path().join("evidence"),
+        &compliance_agent::evidence::Filter::default(),
+    )?
+    .into_iter()
+    .filter(|s| s.outcome.as_str() == "success" && s.check.as_str() == "mcp_order")
+    .count();
+    assert_eq!(ran, 1, "the order ran exactly once");
+    Ok(())
+}
+
+#[test]
+fn junk_order_listings_cannot_grow_the_store_without_bound() -> TestResult {
+    // Invariant (item 8): a listing refused without an id to answer under is
+    // recorded once, not at every poll; and one poll writes at most
+    // MAX_REFUSAL_BUNDLES_PER_POLL refusal bundles plus one summary.
+    let mut ch = Channel::new();
+    let junk: Vec<Value> = (0..150)
+        .map(|i| json!({ "order_id": format!("../junk {i}"), "envelope": { "payload": "x" } }))
+        .collect();
+    let body = json!({ "orders": junk });
+    ch.start_faulty_server(Arc::new(move |store, request| {
+        if request.method == "GET" && request.path.ends_with("/orders") {
+            Response::json(200, &body)
+        } else {
+            let (status, body) = mcp_server::server::route(store, request, None);
+            Response::json(status, &body)
+        }
+    }));
+    let evidence_dir = ch.dir.path().join("evidence");
+    let count = || {
+        compliance_agent::evidence::bundle_refs(&evidence_dir)
+            .map(|r| r.len())
+            .unwrap_or(0)
+    };
+    let limit = compliance_agent::orders::MAX_REFUSAL_BUNDLES_PER_POLL as usize;
+    let mut after = Vec::new();
+    for _ in 0..3 {
+        let _ = ch.agent(&["orders", "poll", "--json"]);
+        after.push(count());
+    }
+    assert!(
+        after[0] <= limit + 1,
+        "one poll wrote {} bundles for 150 junk listings (limit {limit} plus a summary)",
+        after[0]
+    );
+    assert_eq!(
+        after[2], after[0],
+        "the same junk listings polled again add nothing: {after:?}"
+    );
+    run_ok(&ch, &["evidence", "verify"]);
+    Ok(())
+}

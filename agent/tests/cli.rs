@@ -395,3 +395,286 @@ fn sigkill_at_random_moments_loses_nothing() -> TestResult {
     let _ = Duration::ZERO;
     Ok(())
 }
+
+/// Runs `script` with `sh` in a private mount namespace (so it may mount a tmpfs) and returns its stdout.
+fn in_mount_namespace(script: &str) -> String {
+    let out = Command::new(require_tool("unshare"))
+        .args(["-rm", "sh", "-c", script])
+        .env_remove("COMPLIANCE_AGENT_CONFIG")
+        .output()
+        .expect("run unshare");
+    assert!(
+        out.status.success(),
+        "namespace script failed: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// Invariant (item 6): on a full disk an add reports exactly what happened:
+/// exit 0 with the id only if the bundle is stored, otherwise an error and no
+/// bundle; afterwards the chain verifies and continues without reuse or gap.
+/// Checked for every number of free inodes from 0 to 7 around a write.
+#[test]
+fn a_full_disk_never_reports_failure_for_what_was_stored() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let config = configured_box(tmp.path());
+    let evidence_dir = tmp.path().join("evidence");
+    fs::create_dir_all(&evidence_dir)?;
+    for free in 0..8 {
+        let script = format!(
+            r#"A="{agent} --config {config}"; EV="{ev}"
+mount -t tmpfs -o size=16m,nr_inodes=300 tmpfs "$EV" || exit 1
+for i in 1 2 3; do $A evidence add --check backup --outcome success >/dev/null || exit 1; done
+mkdir "$EV/fill"; i=0
+while (: > "$EV/fill/$i") 2>/dev/null; do i=$((i+1)); done
+j=0; while [ $j -lt {free} ]; do rm "$EV/fill/$j"; j=$((j+1)); done
+id=$($A evidence add --check firewall --outcome failed --note "BAD EVENT" 2>"$EV/../add.err"); echo "RC=$?"
+echo "ID=$id"; echo "ERR=$(tr '\n' ' ' < "$EV/../add.err")"
+rm -rf "$EV/fill"
+echo "LIST=$($A evidence list --json | tr -d '\n')"
+$A evidence verify >/dev/null; echo "VRC=$?"
+echo "NEXT=$($A evidence add --check backup --outcome success --json | tr -d '\n')"
+"#,
+            agent = agent_bin().display(),
+            config = config.display(),
+            ev = evidence_dir.display(),
+        );
+        let out = in_mount_namespace(&script);
+        let field = |name: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}=")))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let listed: serde_json::Value = serde_json::from_str(&field("LIST"))?;
+        let ids: Vec<&str> = listed
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| b["bundle_id"].as_str())
+            .collect();
+        let id = field("ID");
+        eprintln!(
+            "full disk: {free} free inodes: add exit {}, {}",
+            field("RC"),
+            field("ERR")
+        );
+        if field("RC") == "0" {
+            assert!(
+                ids.contains(&id.as_str()),
+                "{free} free inodes: add reported {id} stored but it is not there: {out}"
+            );
+        } else {
+            assert!(
+                id.is_empty() && ids.len() == 3,
+                "{free} free inodes: add failed, so nothing may be stored: {out}"
+            );
+            assert!(
+                field("ERR").contains("No space left"),
+                "{free} free inodes: the failure says why: {out}"
+            );
+        }
+        assert_eq!(
+            field("VRC"),
+            "0",
+            "{free} free inodes: the chain verifies: {out}"
+        );
+        let next: serde_json::Value = serde_json::from_str(&field("NEXT"))?;
+        assert_eq!(
+            next["seq"].as_u64(),
+            Some(ids.len() as u64 + 1),
+            "{free} free inodes: the chain continues without reuse or gap: {out}"
+        );
+    }
+    Ok(())
+}
+
+/// Invariant (items 2, 3, 9, 11): the CLI's exit code says the truth.
+#[test]
+fn cli_exit_codes_never_claim_success_for_failure() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let config = configured_box(tmp.path());
+    let cfg = Some(config.as_path());
+    let add = |note: &str| {
+        agent(
+            cfg,
+            &[
+                "evidence",
+                "add",
+                "--check",
+                "backup",
+                "--outcome",
+                "success",
+                "--note",
+                note,
+            ],
+        )
+    };
+    let ids: Vec<String> = (0..4)
+        .map(|i| text(&add(&format!("n{i}")).stdout).trim().to_owned())
+        .collect();
+    let evidence_dir = tmp.path().join("evidence");
+    // An empty bundle.sig: verify exits 1 naming the bundle.
+    let (_, dir) = compliance_agent::evidence::find(&evidence_dir, &ids[1])?;
+    fs::write(dir.join("bundle.sig"), b"")?;
+    let out = agent(cfg, &["evidence", "verify"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains(&ids[1]), "{}", text(&out.stdout));
+    // evidence list marks it and exits 1.
+    let out = agent(cfg, &["evidence", "list"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout)
+            .lines()
+            .any(|l| l.contains(&ids[1]) && l.contains("INVALID")),
+        "{}",
+        text(&out.stdout)
+    );
+    // A truncated bundle.json is named, never dropped silently.
+    let (_, dir2) = compliance_agent::evidence::find(&evidence_dir, &ids[2])?;
+    fs::write(dir2.join("bundle.json"), b"{\"vers")?;
+    let out = agent(cfg, &["evidence", "list"]);
+    assert!(
+        text(&out.stderr).contains(&ids[2]),
+        "unreadable bundle named: {}",
+        text(&out.stderr)
+    );
+    // Retention 0 is refused as the config refuses it.
+    let out = agent(
+        cfg,
+        &["evidence", "prune", "--keep", "0", "--retention-days", "0"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("at least 1"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A bundle the channel could never send is refused at the writer.
+    let chunk = vec!["164.308(a)(7)(ii)(A)"; 1000].join(",");
+    let mut args = vec![
+        "evidence",
+        "add",
+        "--check",
+        "backup",
+        "--outcome",
+        "success",
+    ];
+    for _ in 0..30 {
+        args.extend(["--controls", chunk.as_str()]);
+    }
+    let out = agent(cfg, &args);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("limit"), "{}", text(&out.stderr));
+    // --dir inside a store is refused; an empty directory is no intact store.
+    let day = dir.parent().ok_or("day")?.display().to_string();
+    let pubkey = tmp
+        .path()
+        .join("keys/signing.pub.pem")
+        .display()
+        .to_string();
+    let out = agent(
+        None,
+        &["evidence", "verify", "--dir", &day, "--pubkey", &pubkey],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("inside the evidence store"),
+        "{}",
+        text(&out.stderr)
+    );
+    let empty = tmp.path().join("empty");
+    fs::create_dir(&empty)?;
+    let out = agent(
+        None,
+        &[
+            "evidence",
+            "verify",
+            "--dir",
+            &empty.display().to_string(),
+            "--pubkey",
+            &pubkey,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("no evidence bundles"),
+        "{}",
+        text(&out.stdout)
+    );
+    Ok(())
+}
+
+/// Invariant (item 11): bad identity or key input is refused or said, never used silently.
+#[test]
+fn bad_identity_and_key_input_is_named() -> TestResult {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir()?;
+    let config = configured_box(tmp.path());
+    let body = fs::read_to_string(&config)?.replace("site_id = \"clinic-1\"", "site_id = \"\"");
+    let empty_site = tmp.path().join("empty-site.toml");
+    fs::write(&empty_site, body)?;
+    let out = agent(Some(&empty_site), &["config", "check"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "site_id \"\" refused: {}",
+        text(&out.stdout)
+    );
+    assert!(text(&out.stdout).contains("site_id") || text(&out.stderr).contains("site_id"));
+    let out = Command::new(agent_bin())
+        .arg("--config")
+        .arg(&config)
+        .args(["config", "check"])
+        .env("SITE_ID", std::ffi::OsStr::from_bytes(b"clinic-\xff"))
+        .output()?;
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "a non-UTF-8 override is refused"
+    );
+    assert!(
+        text(&out.stderr).contains("SITE_ID"),
+        "{}",
+        text(&out.stderr)
+    );
+    let key = tmp.path().join("keys/signing.key");
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o666))?;
+    let out = agent(
+        Some(&config),
+        &[
+            "evidence",
+            "add",
+            "--check",
+            "backup",
+            "--outcome",
+            "success",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("chmod 600"),
+        "said: {}",
+        text(&out.stderr)
+    );
+    fs::write(&key, "")?;
+    let out = agent(
+        Some(&config),
+        &[
+            "evidence",
+            "add",
+            "--check",
+            "backup",
+            "--outcome",
+            "success",
+        ],
+    );
+    assert!(
+        text(&out.stderr).contains("the file is empty"),
+        "{}",
+        text(&out.stderr)
+    );
+    Ok(())
+}

@@ -76,5 +76,6 @@ in
     pkgs.jq
     pkgs.curl
   ];
-  virtualisation.memorySize = 1536;
+  # A default only: a test that needs more memory sets its own value.
+  virtualisation.memorySize = lib.mkDefault 1536;
 }

@@ -26,6 +26,9 @@
   networking.hosts."203.0.113.10" = [ "mcp.northwind-msp.example" ];
 
   compliance.hardening = {
+    # The MSP's update host: its binary cache and its ClamAV signature mirror.
+    updates.substituterUrl = "https://198.51.100.30";
+    antivirus.mirrorUrl = "http://198.51.100.30:8080";
     timeSync.servers = [
       "192.0.2.123"
       "192.0.2.124"
@@ -35,10 +38,6 @@
       egress = {
         backup = {
           addresses = [ "198.51.100.20" ];
-          ports = [ 443 ];
-        };
-        update-cache = {
-          addresses = [ "198.51.100.30" ];
           ports = [ 443 ];
         };
       };

@@ -22,15 +22,14 @@
   networking.hosts."203.0.113.50" = [ "mcp.example-msp.example" ];
 
   compliance.hardening = {
+    # The MSP's update host: its binary cache and its ClamAV signature mirror.
+    updates.substituterUrl = "https://198.51.100.30";
+    antivirus.mirrorUrl = "http://198.51.100.30:8080";
     timeSync.servers = [ "192.0.2.123" ];
     firewall.egress = {
       backup = {
         addresses = [ "198.51.100.40" ];
         ports = [ 8000 ];
-      };
-      update-cache = {
-        addresses = [ "198.51.100.30" ];
-        ports = [ 443 ];
       };
     };
   };

@@ -40,7 +40,13 @@
     options = lib.mkDefault "--delete-older-than 90d";
   };
 
-  compliance.hardening.enable = true;
+  compliance.hardening = {
+    enable = true;
+    # The MSP's binary cache signs what the boxes may switch to.
+    updates.trustedPublicKeys = [
+      (lib.fileContents ./example-msp/cache-signing.pub)
+    ];
+  };
 
   services.compliance-agent = {
     enable = true;
@@ -83,6 +89,8 @@
     ];
   };
 
+  # Signatures come from the MSP's mirror (compliance.hardening.antivirus.mirrorUrl
+  # in each host file): the egress allowlist cannot admit ClamAV's CDN.
   services.clamav = {
     daemon.enable = true;
     updater.enable = true;

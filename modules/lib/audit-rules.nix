@@ -3,16 +3,17 @@
 #
 # Pure (builtins only). The NixOS audit module adds the control lines itself
 # (-D, -b, -f, -e), so this list holds only watches (-w) and syscall rules
-# (-a). tests/nix/check.sh checks every line's structure.
+# (-a). tests/nix/check.sh checks every line's structure. The directories
+# these rules need when they load are made by ./audit-directories.nix.
 {
   # The agent's state directory (queue, chain head) and evidence directory.
   stateDir ? "/var/lib/compliance-agent",
   evidenceDir ? "${stateDir}/evidence",
   # Files holding the agent's keys on the host (read access is audited).
+  # Files under /run are left out: /run is rebuilt at every boot and sops-nix
+  # re-points /run/secrets at every activation, which silently drops a watch
+  # placed through the old path.
   secretFiles ? [ ],
-  # setuid/setgid programs whose use is a privileged command
-  # (on NixOS: the entries of security.wrappers under /run/wrappers/bin).
-  privilegedPrograms ? [ ],
   # Syscall ABIs to cover: [ "b64" "b32" ] on x86_64, [ "b64" ] on aarch64.
   arches ? [ "b64" ],
   # Lowest uid of a human login (auid filter of the privileged-command rules).
@@ -28,7 +29,8 @@ let
     toJSON
     ;
   isAbsolute = p: match "/[A-Za-z0-9_./@+-]*" p != null;
-  badPaths = filter (p: !(isAbsolute p)) ([ stateDir evidenceDir ] ++ secretFiles ++ privilegedPrograms);
+  badPaths = filter (p: !(isAbsolute p)) ([ stateDir evidenceDir ] ++ secretFiles);
+  watchedSecrets = filter (f: match "/run/.*" f == null) secretFiles;
   badArches = filter (a: a != "b64" && a != "b32") arches;
   unsetAuid = "4294967295";
   human = "-F auid>=${toString minLoginUid} -F auid!=${unsetAuid}";
@@ -65,10 +67,16 @@ let
       (watch "/etc/chrony.conf" "wa" "time-change")
     ];
 
+  # Privileged commands by what they do, not by where the wrapper lives: a
+  # watch on /run/wrappers/bin/<wrapper> would be dropped whenever
+  # suid-sgid-wrappers.service re-points /run/wrappers (every activation).
+  # Recorded: any program that gains root or the root group through
+  # setuid/setgid, and every command a logged-in person runs as root
+  # (sudo, su, a root shell), as the usual STIG rules do.
   privileged =
-    map (p: "-a always,exit -F path=${p} -F perm=x ${human} -k privileged") privilegedPrograms
-    # Any program that gains root through setuid, wrapper list or not.
-    ++ perArch (a: "-a always,exit -F arch=${a} -S execve -C uid!=euid -F euid=0 -k privileged");
+    perArch (a: "-a always,exit -F arch=${a} -S execve -C uid!=euid -F euid=0 -k privileged")
+    ++ perArch (a: "-a always,exit -F arch=${a} -S execve -C gid!=egid -F egid=0 -k privileged")
+    ++ perArch (a: "-a always,exit -F arch=${a} -S execve -F euid=0 ${human} -k privileged");
 
   system = [
     (watch "/etc/ssh/sshd_config" "wa" "sshd-config")
@@ -85,7 +93,7 @@ let
     # State: the agent writes it constantly; record people, not the agent.
     "-a always,exit -F dir=${stateDir} -F perm=wa ${human} -k compliance-state"
   ]
-  ++ map (f: watch f "rwa" "compliance-keys") secretFiles;
+  ++ map (f: watch f "rwa" "compliance-keys") watchedSecrets;
 
   rules = concatLists [
     identity

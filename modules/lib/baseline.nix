@@ -68,6 +68,8 @@ let
       journald_max_retention_sec = isInt;
       auditd = isBool;
       audit_rules = listOf isString;
+      audit_rules_export_file = nullOrString;
+      audit_rules_export_unit = v: v == null || unitName v;
     };
     firewall = {
       unit = unitName;

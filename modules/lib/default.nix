@@ -5,5 +5,7 @@
   egressRuleset = import ./egress-ruleset.nix;
   polkitRule = import ./polkit-rule.nix;
   auditRules = import ./audit-rules.nix;
+  auditDirectories = import ./audit-directories.nix;
   baseline = import ./baseline.nix;
+  peerUrl = import ./peer-url.nix;
 }

@@ -10,7 +10,8 @@
 # generation). rollback: the profile's previous generation. nftExport: the
 # live ruleset as `nft --json` lists it, and the baseline ruleset file loaded
 # into a throwaway network namespace and listed the same way, both written
-# atomically and world-readable for the agent to compare.
+# atomically and world-readable for the agent to compare. auditExport: the
+# audit rules in force and whether they are locked, likewise.
 {
   # The system profile, e.g. /nix/var/nix/profiles/system.
   systemProfile,
@@ -20,6 +21,9 @@
   expectedExportFile ? "/run/compliance-agent-export/expected.json",
   # The baseline ruleset file (nft syntax), or null.
   rulesetFile ? null,
+  # Where auditExport writes the audit rules in force (`auditctl -l`), after
+  # a "# enabled N" line with the kernel's audit state (2: locked).
+  auditExportFile ? "/run/compliance-agent-export/audit-rules.txt",
 }:
 let
   exportTo = file: command: ''
@@ -36,6 +40,7 @@ else if
     rulesetExportFile
     expectedExportFile
     rulesetFile
+    auditExportFile
   ]
 then
   throw "root-helpers: export and ruleset files must be absolute paths without spaces or quotes"
@@ -83,4 +88,8 @@ else
         else
           exportTo expectedExportFile "unshare --net -- sh -c 'nft -f \"$1\" && nft --json list ruleset' sh ${rulesetFile}"
       );
+    # The agent has no CAP_AUDIT_CONTROL to list the rules itself.
+    auditExport =
+      "set -euo pipefail\n"
+      + exportTo auditExportFile "{ auditctl -s | sed -n 's/^enabled /# enabled /p'; auditctl -l; }";
   }

@@ -22,6 +22,18 @@ let
       ports = [ 443 ];
     };
   };
+  auditRules = lib.auditRules {
+    arches = [
+      "b64"
+      "b32"
+    ];
+    secretFiles = [
+      "/var/lib/compliance-agent-keys/signing.key"
+      # Under /run: not watched (re-pointed at every activation).
+      "/run/secrets/compliance-agent/mcp-api-key"
+    ];
+  };
+  auditExtraRules = [ "-w /var/lib/clinic-data/records -p wa -k phi-data" ];
 in
 {
   hardening = hardening;
@@ -49,17 +61,16 @@ in
     startTemplates = [ "compliance-agent-switch@" ];
   };
 
-  audit = lib.auditRules {
-    arches = [
-      "b64"
-      "b32"
-    ];
-    secretFiles = [ "/var/lib/compliance-agent-keys/signing.key" ];
-    privilegedPrograms = [
-      "/run/wrappers/bin/sudo"
-      "/run/wrappers/bin/su"
-    ];
+  audit = auditRules;
+  # What modules/hardening.nix passes: the rules plus a site's extra watch.
+  auditDirectories = lib.auditDirectories {
+    rules = auditRules ++ auditExtraRules;
+    owners = {
+      "/var/lib/compliance-agent" = "0750 compliance-agent compliance-agent";
+      "/var/lib/compliance-agent-keys" = "0700 root root";
+    };
   };
+  auditAllRules = auditRules ++ auditExtraRules;
 
   baseline = lib.baseline {
     policyVersion = "2026.11-test";
@@ -86,6 +97,8 @@ in
       journald_max_retention_sec = 31536000;
       auditd = true;
       audit_rules = [ "-w /etc/passwd -p wa -k identity" ];
+      audit_rules_export_file = "/run/compliance-agent-export/audit-rules.txt";
+      audit_rules_export_unit = "compliance-agent-audit-export.service";
     };
     firewall = {
       unit = "nftables.service";
@@ -103,8 +116,19 @@ in
     };
   };
 
+  # Peers named by URL (the AV mirror, the binary cache) as the allowlist sees them.
+  peerUrls = map lib.peerUrl [
+    "http://198.51.100.30:8080/clamav"
+    "https://198.51.100.30"
+    "http://[fd31:231::10]:8443/"
+  ];
+
   # Each of these must make evaluation fail with a message (negative tests).
   invalid = {
+    peerUrlHostName = lib.peerUrl "http://database.clamav.net";
+    peerUrlOctet = lib.peerUrl "http://300.1.1.1";
+    peerUrlPort = lib.peerUrl "https://198.51.100.30:70000";
+    peerUrlScheme = lib.peerUrl "ftp://198.51.100.30";
     egressNoPorts = lib.egressRuleset { egress.mcp.addresses = [ "10.231.1.2" ]; };
     egressHostName = lib.egressRuleset {
       egress.mcp = {
@@ -141,6 +165,9 @@ in
     };
     auditRelativePath = lib.auditRules { secretFiles = [ "signing.key" ]; };
     auditBadArch = lib.auditRules { arches = [ "x86" ]; };
+    # Watch lists of /run/wrappers paths are gone; passing one is an error.
+    auditPrivilegedPrograms = lib.auditRules { privilegedPrograms = [ "/run/wrappers/bin/sudo" ]; };
+    auditDirectoriesRelative = lib.auditDirectories { rules = [ "-w relative/path -p wa -k x" ]; };
     baselineWrongType = lib.baseline {
       policyVersion = "1";
       timeSync = {

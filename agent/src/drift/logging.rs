@@ -89,16 +89,86 @@ pub fn read_journald_config(root: &Path) -> JournaldConfig {
     config
 }
 
-/// Audit rules as comparable lines: whitespace folded.
+/// Audit rules as comparable lines, in one canonical form for what the
+/// baseline declares (auditctl's input) and what `auditctl -l` prints:
+/// whitespace folded, `-k KEY` as `-F key=KEY`, the unset login uid
+/// (4294967295, -1 or `unset`) as `unset`, and the syscalls of a rule as one
+/// sorted `-S` list (auditctl lists them in syscall-number order).
 pub fn normalize_rules(text: &str) -> BTreeSet<String> {
     text.lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-        .filter(|l| !l.is_empty() && !l.starts_with('#') && l != "No rules")
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && *l != "No rules")
+        .map(canonical_rule)
         .collect()
+}
+
+fn canonical_rule(line: &str) -> String {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let is_watch = words.first() == Some(&"-w");
+    let mut out: Vec<String> = Vec::with_capacity(words.len());
+    let mut syscalls: Vec<&str> = Vec::new();
+    let mut syscall_slot = None;
+    let mut i = 0;
+    while i < words.len() {
+        match (words[i], words.get(i + 1)) {
+            ("-S", Some(list)) => {
+                syscalls.extend(list.split(',').filter(|s| !s.is_empty()));
+                syscall_slot.get_or_insert(out.len());
+                i += 2;
+            }
+            ("-k", Some(key)) if !is_watch => {
+                out.push(format!("-F key={key}"));
+                i += 2;
+            }
+            ("-F", Some(field)) if !is_watch => {
+                out.push(format!("-F {}", canonical_field(field)));
+                i += 2;
+            }
+            (word, _) => {
+                out.push(word.to_owned());
+                i += 1;
+            }
+        }
+    }
+    if let Some(slot) = syscall_slot {
+        syscalls.sort_unstable();
+        syscalls.dedup();
+        out.insert(slot, format!("-S {}", syscalls.join(",")));
+    }
+    out.join(" ")
+}
+
+fn canonical_field(field: &str) -> String {
+    for op in ["!=", ">=", "<=", "=", ">", "<"] {
+        if let Some((name, value)) = field.split_once(op) {
+            let value = match value {
+                "4294967295" | "-1" | "unset" if name.ends_with("uid") => "unset",
+                other => other,
+            };
+            return format!("{name}{op}{value}");
+        }
+    }
+    field.to_owned()
+}
+
+/// The kernel's audit state from a `# enabled N` line (the root export
+/// writes `auditctl -s`'s `enabled` there): 2 means the rules are locked.
+fn audit_enabled_state(text: &str) -> Option<u8> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("# enabled "))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 async fn rules_in_force(ctx: &Context<'_>, spec: &Logging) -> Result<String, String> {
     if let Some(file) = &spec.audit_rules_export_file {
+        if let Some(unit) = &spec.audit_rules_export_unit {
+            // A fresh export; if it cannot be started the last one is still read.
+            if let Some(systemd) = ctx.systemd {
+                let _ = systemd
+                    .run_job(crate::systemd::JobOp::Start, unit, Duration::from_secs(10))
+                    .await;
+            }
+        }
         return fs::read_to_string(ctx.path(file)).map_err(|e| {
             format!(
                 "cannot read the exported audit rules {}: {e}",
@@ -165,14 +235,25 @@ pub async fn check(ctx: &Context<'_>, spec: &Logging, mut a: Assessment) -> Asse
                     let expected = normalize_rules(&spec.audit_rules.join("\n"));
                     let missing: Vec<&String> = expected.difference(&live).collect();
                     let extra: Vec<&String> = live.difference(&expected).collect();
+                    let locked = audit_enabled_state(&text) == Some(2);
                     a.fact("audit_rules_missing", &missing);
                     a.fact("audit_rules_extra", &extra);
                     a.fact("audit_rules_in_force", live.len());
+                    a.fact("audit_rules_locked", locked);
                     if !missing.is_empty() {
+                        // Locked rules (-e 2) change only at boot: a generation
+                        // that changed them is running with the old ones until
+                        // a reboot, which no runbook does on its own.
+                        let why = if locked {
+                            "; the rules are locked (-e 2) until reboot, so this generation's rules load at the next reboot"
+                        } else {
+                            ""
+                        };
+                        a.fact("audit_rules_pending_reboot", locked);
                         a.drift(
                             Severity::High,
                             format!(
-                                "{} audit rule(s) of the baseline are not in force",
+                                "{} audit rule(s) of the baseline are not in force{why}",
                                 missing.len()
                             ),
                         );
@@ -228,6 +309,52 @@ mod tests {
         let c = read_journald_config(root);
         assert_eq!(c.storage.as_deref(), Some("persistent"));
         assert_eq!(c.max_retention_sec, Some(31_557_600));
+    }
+
+    /// Invariant: a rule as the baseline declares it and the same rule as
+    /// `auditctl -l` prints it are one rule; a different rule is not.
+    #[test]
+    fn audit_rules_compare_in_auditctl_form() {
+        let declared = normalize_rules(
+            "-a always,exit -F arch=b64 -S init_module,finit_module,delete_module -k kernel-modules\n\
+             -a always,exit -F arch=b64 -S adjtimex -F auid>=1000 -F auid!=4294967295 -k time-change\n\
+             -w /etc/passwd -p wa -k identity\n",
+        );
+        for listed in [
+            "-a always,exit -F arch=b64 -S init_module,delete_module,finit_module -F key=kernel-modules\n\
+             -a always,exit -F arch=b64 -S adjtimex -F auid>=1000 -F auid!=-1 -F key=time-change\n\
+             -w /etc/passwd -p wa -k identity\n",
+            "-a always,exit -F arch=b64 -S init_module -S delete_module -S finit_module -F key=kernel-modules\n\
+             -a always,exit -F arch=b64 -S adjtimex -F auid>=1000 -F auid!=unset -F key=time-change\n\
+             -w /etc/passwd -p wa -k identity\n",
+        ] {
+            let live = normalize_rules(listed);
+            assert_eq!(declared, live, "{listed}");
+        }
+        let other = normalize_rules(
+            "-a always,exit -F arch=b32 -S init_module,finit_module,delete_module -k kernel-modules",
+        );
+        assert!(declared.is_disjoint(&other), "another arch is another rule");
+        let other_uid = normalize_rules(
+            "-a always,exit -F arch=b64 -S adjtimex -F auid>=0 -F auid!=-1 -k time-change",
+        );
+        assert!(
+            declared.is_disjoint(&other_uid),
+            "another auid bound is another rule"
+        );
+    }
+
+    #[test]
+    fn audit_lock_state_from_export() {
+        assert_eq!(
+            audit_enabled_state("# enabled 2\n-w /etc/passwd -p wa -k identity\n"),
+            Some(2)
+        );
+        assert_eq!(audit_enabled_state("# enabled 1\n"), Some(1));
+        assert_eq!(
+            audit_enabled_state("-w /etc/passwd -p wa -k identity\n"),
+            None
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Evidence bundles: the signed, hash-chained record of every check, fix and order.
 
 pub mod chain;
+mod fsafe;
 mod layout;
 mod query;
 mod store;
@@ -10,15 +11,35 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use layout::{BUNDLE_FILE, SIGNATURE_FILE};
-pub use query::{BundleRef, Filter, Stats, Summary, bundle_refs, find, list, read, stats};
+pub use query::{
+    BundleRef, Filter, Listing, Stats, Summary, Unreadable, bundle_refs, find, list, list_checked,
+    read, stats,
+};
 pub use store::{Checkpoint, EvidenceStore, HostIdentity, PruneReport, StoredBundle};
-pub use verify::{Problem, VerifyReport, verify};
+pub use verify::{Problem, VerifyReport, store_containing, verify};
+
+/// Reads a bundle directory's bundle.json and bundle.sig for sending: never
+/// through a link, never blocking on a special file, never past the limits.
+pub fn read_bundle_files(dir: &std::path::Path) -> std::result::Result<(Vec<u8>, Vec<u8>), String> {
+    let json = fsafe::read_capped(&dir.join(BUNDLE_FILE), MAX_BUNDLE_BYTES)
+        .map_err(|e| format!("{BUNDLE_FILE}: {e}"))?;
+    let sig = fsafe::read_capped(&dir.join(SIGNATURE_FILE), MAX_SIGNATURE_READ)
+        .map_err(|e| format!("{SIGNATURE_FILE}: {e}"))?;
+    Ok((json, sig))
+}
 
 use crate::config::DeploymentMode;
 use crate::nixos::SystemIdentity;
 
 /// Format version of bundle.json.
 pub const BUNDLE_VERSION: &str = "1.0";
+
+/// Largest bundle.json: the writer refuses to seal a larger one, readers
+/// refuse to read one, and the MCP channel (whose server has the same limit)
+/// never needs to refuse one.
+pub const MAX_BUNDLE_BYTES: u64 = 512 * 1024;
+/// Largest bundle.sig read (a valid one is 64 bytes).
+pub const MAX_SIGNATURE_READ: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EvidenceError {
@@ -67,10 +88,13 @@ pub enum Check {
     EvidenceRetention,
     /// An order from the MCP: what it asked for, whether it was accepted, what ran.
     McpOrder,
+    /// The evidence store's own integrity: an alert the writer records when
+    /// the chain head record is missing, unreadable or names a bundle that is gone.
+    EvidenceIntegrity,
 }
 
 impl Check {
-    pub const ALL: [Check; 10] = [
+    pub const ALL: [Check; 11] = [
         Check::Patching,
         Check::AvHealth,
         Check::Backup,
@@ -81,6 +105,7 @@ impl Check {
         Check::Services,
         Check::EvidenceRetention,
         Check::McpOrder,
+        Check::EvidenceIntegrity,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -95,11 +120,23 @@ impl Check {
             Check::Services => "services",
             Check::EvidenceRetention => "evidence_retention",
             Check::McpOrder => "mcp_order",
+            Check::EvidenceIntegrity => "evidence_integrity",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
+    /// Bundles of this check are written by the agent itself (prune, orders,
+    /// the store's integrity alerts), never recorded by hand.
+    pub fn agent_only(self) -> Option<&'static str> {
+        match self {
+            Check::EvidenceRetention => Some("`evidence prune`"),
+            Check::McpOrder => Some("`orders poll`"),
+            Check::EvidenceIntegrity => Some("the evidence writer itself"),
+            _ => None,
+        }
     }
 
     /// The HIPAA Security Rule (45 CFR 164) controls this check evidences.
@@ -122,6 +159,8 @@ impl Check {
             // Audit controls and activity review (a remote instruction and what
             // came of it), entity authentication (the order's signature).
             Check::McpOrder => &["164.312(b)", "164.308(a)(1)(ii)(D)", "164.312(d)"],
+            // Integrity of the audit record itself, and audit controls.
+            Check::EvidenceIntegrity => &["164.312(c)(1)", "164.312(b)"],
         }
     }
 }

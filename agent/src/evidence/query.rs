@@ -8,17 +8,25 @@ use jiff::Timestamp;
 use jiff::tz::TimeZone;
 use serde::Serialize;
 
+use super::fsafe::{self, ReadFailure};
 use super::layout::{BUNDLE_FILE, SIGNATURE_FILE, all_bundles, bundles_in_day, day_dirs};
-use super::{Bundle, Check, EvidenceError, Outcome, Result, io_err};
+use super::{Bundle, Check, EvidenceError, MAX_BUNDLE_BYTES, Outcome, Result, io_err};
+use crate::crypto::VerifyingKey;
 
 fn read_bundle(dir: &Path) -> Result<(Bundle, u64)> {
     let path = dir.join(BUNDLE_FILE);
-    let bytes = fs::read(&path).map_err(io_err(&path))?;
+    let bytes = fsafe::read_capped(&path, MAX_BUNDLE_BYTES).map_err(|e| match e {
+        ReadFailure::NotFound | ReadFailure::Io(_) => io_err(&path)(e.into()),
+        other => EvidenceError::Corrupt {
+            path: path.clone(),
+            message: other.to_string(),
+        },
+    })?;
     let bundle = serde_json::from_slice(&bytes).map_err(|e| EvidenceError::Corrupt {
         path: path.clone(),
         message: e.to_string(),
     })?;
-    let sig_len = fs::metadata(dir.join(SIGNATURE_FILE)).map_or(0, |m| m.len());
+    let sig_len = fs::symlink_metadata(dir.join(SIGNATURE_FILE)).map_or(0, |m| m.len());
     Ok((bundle, bytes.len() as u64 + sig_len))
 }
 
@@ -32,7 +40,8 @@ pub fn find(root: &Path, bundle_id: &str) -> Result<(Bundle, PathBuf)> {
     // Newest first: recent bundles are the ones usually asked for.
     for (_, day) in day_dirs(root, None, None)?.into_iter().rev() {
         let dir = day.join(bundle_id);
-        if dir.is_dir() {
+        // A link in the date tree is never followed.
+        if fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
             let (bundle, _) = read_bundle(&dir)?;
             return Ok((bundle, dir));
         }
@@ -89,10 +98,46 @@ pub struct Summary {
     pub runbook_id: Option<String>,
     pub rollback_generation: Option<u64>,
     pub dir: PathBuf,
+    /// Whether bundle.sig verifies over bundle.json: "valid", or why not;
+    /// None when no key was given to check with.
+    pub signature: Option<String>,
+}
+
+/// A bundle directory whose bundle.json cannot be read or parsed.
+#[derive(Clone, Debug, Serialize)]
+pub struct Unreadable {
+    pub dir: PathBuf,
+    pub reason: String,
+}
+
+/// What `evidence list` shows: the matching bundles, and every bundle that
+/// could not be read (which the filter cannot be applied to, so it is never dropped).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Listing {
+    pub items: Vec<Summary>,
+    pub unreadable: Vec<Unreadable>,
+}
+
+/// Whether the bundle in `dir` carries a valid signature by `key`, in words.
+fn signature_mark(dir: &Path, key: &VerifyingKey) -> String {
+    match super::read_bundle_files(dir) {
+        Ok((json, sig)) => match key.verify(&json, &sig) {
+            Ok(()) => "valid".into(),
+            Err(_) => format!("INVALID for key {}", key.fingerprint()),
+        },
+        Err(reason) => format!("INVALID: {reason}"),
+    }
 }
 
 /// Bundles matching `filter`, newest first.
 pub fn list(root: &Path, filter: &Filter) -> Result<Vec<Summary>> {
+    Ok(list_checked(root, filter, None)?.items)
+}
+
+/// Bundles matching `filter`, newest first, each with its signature checked
+/// against `key` when given, and every unreadable bundle named.
+pub fn list_checked(root: &Path, filter: &Filter, key: Option<&VerifyingKey>) -> Result<Listing> {
+    let mut unreadable = Vec::new();
     // A bundle is filed under its own UTC day or, after a clock step back, a later
     // one; never an earlier one. So `since` bounds the days read, `until` cannot.
     let from = filter.since.map(|t| t.to_zoned(TimeZone::UTC).date());
@@ -100,8 +145,15 @@ pub fn list(root: &Path, filter: &Filter) -> Result<Vec<Summary>> {
     for (date, day) in day_dirs(root, from, None)?.into_iter().rev() {
         let mut day_items = Vec::new();
         for dir in bundles_in_day(date, &day)? {
-            let Ok((b, _)) = read_bundle(&dir.path) else {
-                continue;
+            let b = match read_bundle(&dir.path) {
+                Ok((b, _)) => b,
+                Err(e) => {
+                    unreadable.push(Unreadable {
+                        dir: dir.path.clone(),
+                        reason: e.to_string(),
+                    });
+                    continue;
+                }
             };
             if filter.check.is_some_and(|c| c != b.check)
                 || filter.outcome.is_some_and(|o| o != b.outcome)
@@ -121,6 +173,7 @@ pub fn list(root: &Path, filter: &Filter) -> Result<Vec<Summary>> {
                 order_id: b.order_id,
                 runbook_id: b.runbook_id,
                 rollback_generation: b.rollback_generation,
+                signature: key.map(|k| signature_mark(&dir.path, k)),
                 dir: dir.path,
             });
         }
@@ -134,7 +187,10 @@ pub fn list(root: &Path, filter: &Filter) -> Result<Vec<Summary>> {
     if let Some(limit) = filter.limit {
         out.truncate(limit);
     }
-    Ok(out)
+    Ok(Listing {
+        items: out,
+        unreadable,
+    })
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

@@ -2,35 +2,46 @@
 //!
 //! A write holds `<store>/.lock` (one writer at a time across processes, so the
 //! chain cannot fork) and goes:
-//! 1. the head record notes the bundles about to be written (`pending`);
+//! 1. the signed head record notes the bundles about to be written (`pending`);
 //! 2. each bundle's bundle.json and bundle.sig are written into `.tmp/<id>/`;
 //! 3. syncfs(2) makes all of that durable in one journal commit;
 //! 4. each `.tmp/<id>/` is renamed into `YYYY/MM/DD/<id>/` (a bundle appears whole or not at all);
 //! 5. the day directories are fsynced; only now is a bundle reported as stored;
-//! 6. the head record is rewritten without `pending`.
+//! 6. the head record is rewritten without `pending` (if that fails, `pending` still resolves it).
 //!
 //! After a crash at any instant, the next writer cleans `.tmp/`, and a pending
 //! bundle counts as committed exactly when its directory exists.
+//!
+//! The head record is signed and names the newest bundle. A writer that finds
+//! it missing, unreadable, or naming a bundle that is gone or changed never
+//! quietly starts over: it continues after the recorded head (so no recorded
+//! seq is reused) and first writes a signed `evidence_integrity` alert naming
+//! what is missing. Every name the writer creates, replaces or removes is
+//! resolved relative to directories it opened without following links.
 
 use std::fs;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use jiff::Timestamp;
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
+use rustix::fs::FileType;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::fsafe::{self, ReadFailure};
 use super::layout::{
-    BUNDLE_FILE, HEAD_FILE, HeadRecord, LOCK_FILE, PendingBundle, SIGNATURE_FILE, TMP_DIR,
-    all_bundles, day_path, fsync_dir, replace_file,
+    BUNDLE_FILE, HEAD_FILE, HEAD_TMP, HeadRecord, HeadState, LOCK_FILE, PendingBundle,
+    SIGNATURE_FILE, TMP_DIR, all_bundles, day_path, encode_head, read_head,
 };
 use super::verify::ChainView;
 use super::{
-    BUNDLE_VERSION, Bundle, Check, Draft, EvidenceError, Outcome, Result, io_err, valid_control,
+    BUNDLE_VERSION, Bundle, Check, Draft, EvidenceError, MAX_BUNDLE_BYTES, Outcome, Result, io_err,
+    valid_control,
 };
 use crate::config::DeploymentMode;
-use crate::crypto::{SigningKey, sha256_hex};
+use crate::crypto::{SIGNATURE_LEN, SigningKey, VerifyingKey, sha256_hex};
 use crate::nixos::RunningSystem;
 
 /// Who is writing: the fields every bundle of this host carries.
@@ -56,10 +67,13 @@ pub struct StoredBundle {
 /// The post_state of a prune checkpoint bundle.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Checkpoint {
+    /// The oldest seq this prune removed.
+    pub pruned_from_seq: u64,
     /// The newest seq that was pruned; the chain continues at this seq + 1.
     pub pruned_through_seq: u64,
     /// SHA-256 of that bundle's bundle.json (the next bundle's prev_hash).
     pub pruned_through_hash: String,
+    /// How many bundles this prune removed: pruned_through_seq - pruned_from_seq + 1.
     pub pruned_count: u64,
     pub keep: u64,
     pub retention_days: u32,
@@ -76,6 +90,7 @@ pub struct PruneReport {
 pub struct EvidenceStore {
     root: PathBuf,
     key: SigningKey,
+    verifying: VerifyingKey,
     fingerprint: String,
     host: HostIdentity,
     system: RunningSystem,
@@ -88,6 +103,22 @@ struct Sealed {
     sig: [u8; 64],
 }
 
+/// What a write holds while it runs: the lock, the store's directories opened
+/// without following links, the recovered head and an alert still to write.
+struct Held {
+    _lock: fs::File,
+    root: OwnedFd,
+    tmp: OwnedFd,
+    head: HeadRecord,
+    alert: Option<Draft>,
+}
+
+/// The newest bundle found on disk by reading every one.
+struct DiskHead {
+    record: HeadRecord,
+    bundles: u64,
+}
+
 impl EvidenceStore {
     /// Opens (creating it if needed) the store at `root`.
     pub fn open(
@@ -96,18 +127,24 @@ impl EvidenceStore {
         host: HostIdentity,
         system: RunningSystem,
     ) -> Result<Self> {
-        fs::create_dir_all(root.join(TMP_DIR)).map_err(io_err(root))?;
-        let fingerprint = key.verifying_key().fingerprint();
+        fs::create_dir_all(root).map_err(io_err(root))?;
+        let verifying = key.verifying_key();
+        let fingerprint = verifying.fingerprint();
         Ok(Self {
             root: root.to_owned(),
             key,
+            verifying,
             fingerprint,
             host,
             system,
         })
     }
 
-    /// Seals and durably stores one bundle.
+    fn path(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    /// Seals and durably stores one bundle; returns it (the last bundle written).
     pub fn store(&self, draft: Draft) -> Result<StoredBundle> {
         let mut stored = self.store_many(vec![draft])?;
         stored
@@ -117,103 +154,139 @@ impl EvidenceStore {
 
     /// Seals and stores several bundles with one durability barrier (a scan's
     /// seven checks, say). Either call returns only once all are durable.
+    /// Returns every bundle written: an integrity alert the store had to
+    /// write first comes before the drafts' bundles, which keep their order.
     pub fn store_many(&self, drafts: Vec<Draft>) -> Result<Vec<StoredBundle>> {
         if drafts.is_empty() {
             return Ok(Vec::new());
         }
-        self.locked(|head| self.write_locked(head, drafts))
+        self.locked(|held| self.write_locked(held, drafts))
     }
 
     /// The committed head: (seq, hash of its bundle.json).
     pub fn head(&self) -> Result<(u64, Option<String>)> {
-        self.locked(|head| Ok((head.seq, head.hash.clone())))
+        self.locked(|held| Ok((held.head.seq, held.head.hash.clone())))
     }
 
-    fn locked<T>(&self, f: impl FnOnce(&mut HeadRecord) -> Result<T>) -> Result<T> {
-        let lock_path = self.root.join(LOCK_FILE);
-        let lock = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err(&lock_path))?;
+    fn locked<T>(&self, f: impl FnOnce(&mut Held) -> Result<T>) -> Result<T> {
+        let root = fsafe::open_root(&self.root).map_err(io_err(&self.root))?;
+        let lock_path = self.path(LOCK_FILE);
+        let lock = fsafe::open_lock_at(&root, LOCK_FILE).map_err(io_err(&lock_path))?;
         lock.lock().map_err(io_err(&lock_path))?;
-        self.clean_tmp()?;
-        let mut head = self.recover_head()?;
-        let result = f(&mut head);
-        drop(lock);
-        result
+        let tmp = self.ensure_tmp(&root)?;
+        self.clean_tmp(&tmp)?;
+        let (head, alert) = self.recover_head(&root)?;
+        let mut held = Held {
+            _lock: lock,
+            root,
+            tmp,
+            head,
+            alert,
+        };
+        f(&mut held)
     }
 
-    /// Removes bundles a crashed writer left half-assembled.
-    fn clean_tmp(&self) -> Result<()> {
-        let tmp = self.root.join(TMP_DIR);
-        for entry in fs::read_dir(&tmp).map_err(io_err(&tmp))? {
-            let path = entry.map_err(io_err(&tmp))?.path();
-            let removed = if path.is_dir() {
-                fs::remove_dir_all(&path)
-            } else {
-                fs::remove_file(&path)
-            };
-            removed.map_err(io_err(&path))?;
+    /// `.tmp/` as a real directory: anything else there (a link planted to
+    /// make the writer delete elsewhere) is removed as itself and replaced.
+    fn ensure_tmp(&self, root: &OwnedFd) -> Result<OwnedFd> {
+        let path = self.path(TMP_DIR);
+        match fsafe::kind_at(root, TMP_DIR).map_err(io_err(&path))? {
+            Some(FileType::Directory) | None => {}
+            Some(other) => {
+                tracing::warn!(
+                    path = %path.display(),
+                    "evidence store's {TMP_DIR} is {}, not a directory; removing it (never following it)",
+                    fsafe::kind_name(other)
+                );
+                fsafe::remove_at(root, TMP_DIR).map_err(io_err(&path))?;
+            }
+        }
+        let (fd, _) = fsafe::ensure_dir_at(root, TMP_DIR).map_err(io_err(&path))?;
+        Ok(fd)
+    }
+
+    /// Removes bundles a crashed writer left half-assembled (links as links).
+    fn clean_tmp(&self, tmp: &OwnedFd) -> Result<()> {
+        let path = self.path(TMP_DIR);
+        for (name, _) in fsafe::list_entries(tmp).map_err(io_err(&path))? {
+            fsafe::remove_at(tmp, &name).map_err(io_err(&path.join(&name)))?;
         }
         Ok(())
     }
 
-    /// Reads the head record, resolving a write that was in progress; rebuilds
-    /// it from the bundles themselves when it is missing or does not match the disk.
-    fn recover_head(&self) -> Result<HeadRecord> {
-        let path = self.root.join(HEAD_FILE);
-        let record = match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice::<HeadRecord>(&bytes).ok(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(io_err(&path)(e)),
-        };
-        let consistent = record
-            .as_ref()
-            .is_some_and(|r| match (&r.bundle_id, r.date) {
-                (Some(id), Some(date)) => self
-                    .root
-                    .join(day_path(date))
-                    .join(id)
-                    .join(BUNDLE_FILE)
-                    .exists(),
-                (None, None) => r.seq == 0,
-                _ => false,
-            });
-        let mut head = match record {
-            Some(r) if consistent => r,
-            _ => {
-                let rebuilt = self.rebuild_head()?;
-                if rebuilt.seq > 0 {
-                    tracing::warn!(
-                        seq = rebuilt.seq,
-                        "evidence chain head record was missing or stale; rebuilt from the bundles on disk"
-                    );
+    /// Reads the head record, resolving a write that was in progress. When the
+    /// record is missing or unreadable, or names a bundle that is gone or
+    /// changed, returns the head to continue from with an alert to write first.
+    fn recover_head(&self, root: &OwnedFd) -> Result<(HeadRecord, Option<Draft>)> {
+        match read_head(root, &self.verifying) {
+            HeadState::Valid(mut head) => {
+                for pending in std::mem::take(&mut head.pending) {
+                    let file = self.path(pending.rel_path().join(BUNDLE_FILE));
+                    if fsafe::kind_of(&file).map_err(io_err(&file))? == Some(FileType::RegularFile)
+                    {
+                        head.commit(&pending);
+                    }
                 }
-                rebuilt
+                let Some(rel) = head.head_bundle_file() else {
+                    return Ok((head, None));
+                };
+                let file = self.path(&rel);
+                let problem = match fsafe::read_capped(&file, MAX_BUNDLE_BYTES) {
+                    Ok(bytes) if Some(sha256_hex(&bytes)) == head.hash => return Ok((head, None)),
+                    Ok(bytes) => format!(
+                        "the head record names bundle {} (seq {}) with hash {}, but its {BUNDLE_FILE} now hashes to {} (replaced or edited)",
+                        head.bundle_id.as_deref().unwrap_or("?"),
+                        head.seq,
+                        head.hash.as_deref().unwrap_or("?"),
+                        sha256_hex(&bytes)
+                    ),
+                    Err(ReadFailure::NotFound) => format!(
+                        "the head record names bundle {} (seq {}), which is gone (deleted, moved or hidden)",
+                        head.bundle_id.as_deref().unwrap_or("?"),
+                        head.seq
+                    ),
+                    Err(e) => format!(
+                        "the head record names bundle {} (seq {}), whose {BUNDLE_FILE} cannot be read: {e}",
+                        head.bundle_id.as_deref().unwrap_or("?"),
+                        head.seq
+                    ),
+                };
+                let disk = self.disk_head()?;
+                let alert = integrity_alert("head_bundle_missing", problem, Some(&head), &disk);
+                Ok((head, Some(alert)))
             }
-        };
-        for pending in std::mem::take(&mut head.pending) {
-            if self
-                .root
-                .join(pending.rel_path())
-                .join(BUNDLE_FILE)
-                .exists()
-            {
-                head.seq = pending.seq;
-                head.hash = Some(pending.hash);
-                head.bundle_id = Some(pending.bundle_id);
-                head.date = Some(pending.date);
+            HeadState::Missing => {
+                let disk = self.disk_head()?;
+                if disk.bundles == 0 {
+                    return Ok((HeadRecord::default(), None));
+                }
+                let problem = format!(
+                    "the chain head record {HEAD_FILE} is missing although the store holds {} bundle(s); bundles written after seq {} may have been deleted unseen",
+                    disk.bundles, disk.record.seq
+                );
+                let alert = integrity_alert("head_record_missing", problem, None, &disk);
+                Ok((disk.record, Some(alert)))
+            }
+            HeadState::Unreadable(reason) => {
+                let disk = self.disk_head()?;
+                let problem = format!(
+                    "{reason}; continuing after the newest bundle on disk (seq {}); bundles written after it may have been deleted unseen",
+                    disk.record.seq
+                );
+                let alert = integrity_alert("head_record_unreadable", problem, None, &disk);
+                Ok((disk.record, Some(alert)))
             }
         }
-        Ok(head)
     }
 
-    fn rebuild_head(&self) -> Result<HeadRecord> {
+    /// The newest bundle on disk, by reading every bundle (only when the head record cannot be trusted).
+    fn disk_head(&self) -> Result<DiskHead> {
         let mut head = HeadRecord::default();
+        let mut bundles = 0;
         for dir in all_bundles(&self.root)? {
-            let Ok(bytes) = fs::read(dir.path.join(BUNDLE_FILE)) else {
+            bundles += 1;
+            let Ok(bytes) = fsafe::read_capped(&dir.path.join(BUNDLE_FILE), MAX_BUNDLE_BYTES)
+            else {
                 continue;
             };
             let Ok(view) = serde_json::from_slice::<ChainView>(&bytes) else {
@@ -228,9 +301,15 @@ impl EvidenceStore {
             head.date = Some(head.date.map_or(dir.date, |d| d.max(dir.date)));
         }
         if head.seq == 0 {
-            head = HeadRecord::default();
+            head = HeadRecord {
+                date: head.date,
+                ..HeadRecord::default()
+            };
         }
-        Ok(head)
+        Ok(DiskHead {
+            record: head,
+            bundles,
+        })
     }
 
     fn seal(&self, head: &mut HeadRecord, draft: Draft) -> Result<Sealed> {
@@ -293,27 +372,39 @@ impl EvidenceStore {
         };
         let mut json = serde_json::to_vec_pretty(&bundle)?;
         json.push(b'\n');
+        // The channel never sends a larger bundle; refuse it here, not after it is in the chain.
+        if json.len() as u64 > MAX_BUNDLE_BYTES {
+            return Err(EvidenceError::Invalid(format!(
+                "the {} bundle would be {} bytes, more than the {MAX_BUNDLE_BYTES}-byte limit of a bundle (the MCP channel's); record less (fewer controls, a shorter note or state)",
+                bundle.check,
+                json.len()
+            )));
+        }
         let hash = sha256_hex(&json);
         let sig = self.key.sign(&json);
-        head.seq = bundle.seq;
-        head.hash = Some(hash.clone());
-        head.bundle_id = Some(bundle_id.clone());
-        head.date = Some(date);
-        Ok(Sealed {
-            pending: PendingBundle {
-                seq: bundle.seq,
-                hash,
-                bundle_id,
-                date,
-            },
-            json,
-            sig,
-        })
+        let pending = PendingBundle {
+            seq: bundle.seq,
+            hash,
+            bundle_id,
+            date,
+        };
+        head.commit(&pending);
+        Ok(Sealed { pending, json, sig })
     }
 
-    fn write_locked(&self, head: &mut HeadRecord, drafts: Vec<Draft>) -> Result<Vec<StoredBundle>> {
-        let committed = head.clone();
-        let mut next = head.clone();
+    fn write_head(&self, root: &OwnedFd, head: &HeadRecord) -> Result<()> {
+        let bytes = encode_head(head, &self.key)?;
+        fsafe::replace_at(root, HEAD_FILE, HEAD_TMP, &bytes, false)
+            .map_err(io_err(&self.path(HEAD_FILE)))
+    }
+
+    fn write_locked(&self, held: &mut Held, drafts: Vec<Draft>) -> Result<Vec<StoredBundle>> {
+        let mut drafts = drafts;
+        if let Some(alert) = held.alert.clone() {
+            drafts.insert(0, alert);
+        }
+        let committed = held.head.clone();
+        let mut next = held.head.clone();
         let sealed = drafts
             .into_iter()
             .map(|d| self.seal(&mut next, d))
@@ -322,38 +413,40 @@ impl EvidenceStore {
         // 1. Announce the write.
         let mut announce = committed;
         announce.pending = sealed.iter().map(|s| s.pending.clone()).collect();
-        replace_file(
-            &self.root.join(HEAD_FILE),
-            &serde_json::to_vec(&announce)?,
-            false,
-        )?;
+        self.write_head(&held.root, &announce)?;
 
         // 2. Assemble every bundle in .tmp/.
-        let tmp_root = self.root.join(TMP_DIR);
         for s in &sealed {
-            let tmp = tmp_root.join(&s.pending.bundle_id);
-            fs::create_dir(&tmp).map_err(io_err(&tmp))?;
-            write_new(&tmp.join(BUNDLE_FILE), &s.json)?;
-            write_new(&tmp.join(SIGNATURE_FILE), &s.sig)?;
+            let id = &s.pending.bundle_id;
+            let path = self.path(TMP_DIR).join(id);
+            let (dir, _) = fsafe::ensure_dir_at(&held.tmp, id).map_err(io_err(&path))?;
+            fsafe::write_new_at(&dir, BUNDLE_FILE, &s.json, false)
+                .map_err(io_err(&path.join(BUNDLE_FILE)))?;
+            fsafe::write_new_at(&dir, SIGNATURE_FILE, &s.sig, false)
+                .map_err(io_err(&path.join(SIGNATURE_FILE)))?;
         }
 
         // 3. One barrier for the head record and all bundle files.
-        let root_dir = fs::File::open(&self.root).map_err(io_err(&self.root))?;
-        rustix::fs::syncfs(&root_dir).map_err(|e| io_err(&self.root)(e.into()))?;
+        rustix::fs::syncfs(&held.root).map_err(|e| io_err(&self.root)(e.into()))?;
 
         // 4. Publish each bundle whole.
-        let mut to_sync: Vec<PathBuf> = Vec::new();
+        let mut days: Vec<(Date, OwnedFd)> = Vec::new();
+        let mut to_sync: Vec<(PathBuf, OwnedFd)> = Vec::new();
         let mut stored = Vec::with_capacity(sealed.len());
         for s in &sealed {
-            let day = self.root.join(day_path(s.pending.date));
-            if !day.is_dir() {
-                create_dirs_noting_parents(&self.root, &day, &mut to_sync)?;
+            let date = s.pending.date;
+            if !days.iter().any(|(d, _)| *d == date) {
+                let day = self.open_day(&held.root, date, true, &mut to_sync)?;
+                days.push((date, day));
             }
-            let dest = day.join(&s.pending.bundle_id);
-            fs::rename(tmp_root.join(&s.pending.bundle_id), &dest).map_err(io_err(&dest))?;
-            if !to_sync.contains(&day) {
-                to_sync.push(day);
-            }
+            let day = days
+                .iter()
+                .find(|(d, _)| *d == date)
+                .map(|(_, fd)| fd)
+                .ok_or_else(|| EvidenceError::Invalid("day directory not opened".into()))?;
+            let dest = self.path(s.pending.rel_path());
+            fsafe::rename_at(&held.tmp, &s.pending.bundle_id, day, &s.pending.bundle_id)
+                .map_err(io_err(&dest))?;
             stored.push(StoredBundle {
                 bundle_id: s.pending.bundle_id.clone(),
                 seq: s.pending.seq,
@@ -363,19 +456,68 @@ impl EvidenceStore {
         }
 
         // 5. Make the renames durable.
-        for dir in &to_sync {
-            fsync_dir(dir)?;
+        for (date, fd) in &days {
+            fsafe::fsync_fd(fd)
+                .map_err(|e| not_durable(&stored, &self.path(day_path(*date)), e))?;
+        }
+        for (path, fd) in &to_sync {
+            fsafe::fsync_fd(fd).map_err(|e| not_durable(&stored, path, e))?;
         }
 
-        // 6. The new head; if this write is lost, `pending` above still resolves it.
+        // 6. The new head. The bundles are durable and the announced
+        // `pending` already resolves the head, so a failure here (a full
+        // disk, say) must not report them as not stored: a caller would
+        // write the same event again.
         next.pending.clear();
-        replace_file(
-            &self.root.join(HEAD_FILE),
-            &serde_json::to_vec(&next)?,
-            false,
-        )?;
-        *head = next;
+        if let Err(e) = self.write_head(&held.root, &next) {
+            tracing::warn!(
+                error = %e,
+                "bundles stored; the head record could not be updated and is resolved from the pending entries at the next write"
+            );
+        }
+        held.head = next;
+        held.alert = None;
         Ok(stored)
+    }
+
+    /// Opens `YYYY/MM/DD` for `date` below `root`, never through a link;
+    /// with `create`, missing levels are made and their parents noted for fsync.
+    fn open_day(
+        &self,
+        root: &OwnedFd,
+        date: Date,
+        create: bool,
+        to_sync: &mut Vec<(PathBuf, OwnedFd)>,
+    ) -> Result<OwnedFd> {
+        let names = [
+            format!("{:04}", date.year()),
+            format!("{:02}", date.month()),
+            format!("{:02}", date.day()),
+        ];
+        let mut rel = PathBuf::new();
+        let mut parent = rustix::io::dup(root).map_err(|e| io_err(&self.root)(e.into()))?;
+        let mut parent_rel = PathBuf::new();
+        for name in &names {
+            rel.push(name);
+            let path = self.path(&rel);
+            let opened = if create {
+                fsafe::ensure_dir_at(&parent, name)
+            } else {
+                fsafe::open_dir_at(&parent, name).map(|fd| (fd, false))
+            };
+            let (fd, created) = opened.map_err(|e| {
+                io_err(&path)(std::io::Error::new(
+                    e.kind(),
+                    format!("{e} (a day directory must be a real directory, never a link)"),
+                ))
+            })?;
+            if created {
+                to_sync.push((self.path(&parent_rel), parent));
+            }
+            parent = fd;
+            parent_rel = rel.clone();
+        }
+        Ok(parent)
     }
 
     /// Removes the oldest bundles that are older than `retention_days` and not
@@ -388,6 +530,12 @@ impl EvidenceStore {
     /// [`prune`](Self::prune), removing a bundle only while `may_remove(bundle_id,
     /// seq)` holds (with an MCP configured: only what the MCP acknowledged). The
     /// oldest bundle that may not go stops the prune, so the kept chain has no holes.
+    ///
+    /// Before anything is removed, the bundles to be covered by the checkpoint
+    /// (and the first one kept) are verified: every signature by this store's
+    /// key, every link, no gap, and a start at seq 1 or at an earlier
+    /// checkpoint. A broken prefix is refused with the reason: a checkpoint
+    /// must never vouch for evidence that was already missing or altered.
     pub fn prune_where(
         &self,
         keep: u64,
@@ -395,21 +543,36 @@ impl EvidenceStore {
         now: Timestamp,
         may_remove: impl Fn(&str, u64) -> bool,
     ) -> Result<PruneReport> {
-        self.locked(|head| {
-            let mut chain: Vec<(ChainView, String, PathBuf)> = Vec::new();
+        self.locked(|held| {
+            // The alert is evidence in its own right: write it whatever the prune decides.
+            if held.alert.is_some() {
+                self.write_locked(held, Vec::new())?;
+            }
+            let mut chain: Vec<PruneItem> = Vec::new();
             for dir in all_bundles(&self.root)? {
                 let path = dir.path.join(BUNDLE_FILE);
-                let bytes = fs::read(&path).map_err(io_err(&path))?;
-                let view: ChainView =
-                    serde_json::from_slice(&bytes).map_err(|e| EvidenceError::Corrupt {
-                        path: path.clone(),
-                        message: format!(
-                            "{e}; run `compliance-agent evidence verify` before pruning"
-                        ),
-                    })?;
-                chain.push((view, sha256_hex(&bytes), dir.path));
+                let refuse = |message: String| {
+                    EvidenceError::Invalid(format!(
+                        "refusing to prune: {} {message}; run `compliance-agent evidence verify`",
+                        path.display()
+                    ))
+                };
+                let json = fsafe::read_capped(&path, MAX_BUNDLE_BYTES)
+                    .map_err(|e| refuse(format!("cannot be read: {e}")))?;
+                let view: ChainView = serde_json::from_slice(&json)
+                    .map_err(|e| refuse(format!("is not a valid bundle: {e}")))?;
+                let sig_ok = fsafe::read_capped(&dir.path.join(SIGNATURE_FILE), 4096)
+                    .ok()
+                    .filter(|s| s.len() == SIGNATURE_LEN)
+                    .is_some_and(|s| self.verifying.verify(&json, &s).is_ok());
+                chain.push(PruneItem {
+                    hash: sha256_hex(&json),
+                    view,
+                    dir,
+                    sig_ok,
+                });
             }
-            chain.sort_by_key(|(v, _, _)| v.seq);
+            chain.sort_by_key(|c| c.view.seq);
             let total = chain.len() as u64;
             let cutoff = now
                 .checked_sub(jiff::SignedDuration::from_hours(
@@ -419,10 +582,10 @@ impl EvidenceStore {
             let removable = chain
                 .iter()
                 .enumerate()
-                .take_while(|(i, (v, _, _))| {
+                .take_while(|(i, c)| {
                     (*i as u64) + keep < total
-                        && v.timestamp_end < cutoff
-                        && may_remove(&v.bundle_id, v.seq)
+                        && c.view.timestamp_end < cutoff
+                        && may_remove(&c.view.bundle_id, c.view.seq)
                 })
                 .count();
             if removable == 0 {
@@ -432,10 +595,17 @@ impl EvidenceStore {
                     checkpoint: None,
                 });
             }
-            let (last, last_hash, _) = &chain[removable - 1];
+            check_prefix(&chain, removable, &self.fingerprint, &held.head).map_err(|reason| {
+                EvidenceError::Invalid(format!(
+                    "refusing to prune: {reason}; run `compliance-agent evidence verify`"
+                ))
+            })?;
+            let first = &chain[0];
+            let last = &chain[removable - 1];
             let checkpoint = Checkpoint {
-                pruned_through_seq: last.seq,
-                pruned_through_hash: last_hash.clone(),
+                pruned_from_seq: first.view.seq,
+                pruned_through_seq: last.view.seq,
+                pruned_through_hash: last.hash.clone(),
                 pruned_count: removable as u64,
                 keep,
                 retention_days,
@@ -443,29 +613,40 @@ impl EvidenceStore {
             let mut draft = Draft::new(Check::EvidenceRetention, Outcome::Success);
             draft.pre_state = json!({
                 "bundles": total,
-                "first_seq": chain.first().map(|(v, _, _)| v.seq),
-                "oldest_pruned_timestamp": chain[0].0.timestamp_end,
-                "newest_pruned_timestamp": last.timestamp_end,
+                "first_seq": first.view.seq,
+                "oldest_pruned_timestamp": first.view.timestamp_end,
+                "newest_pruned_timestamp": last.view.timestamp_end,
             });
             draft.post_state = serde_json::to_value(&checkpoint)?;
             // The checkpoint goes first: a crash mid-prune leaves extra old bundles, never an unexplained gap.
-            let checkpoint_bundle = self.write_locked(head, vec![draft])?.pop();
-            let tmp_root = self.root.join(TMP_DIR);
-            let mut touched: Vec<PathBuf> = Vec::new();
-            for (view, _, dir) in &chain[..removable] {
-                let graveyard = tmp_root.join(format!("pruned-{}", view.bundle_id));
-                fs::rename(dir, &graveyard).map_err(io_err(dir))?;
-                if let Some(parent) = dir.parent()
-                    && !touched.iter().any(|p| p == parent)
-                {
-                    touched.push(parent.to_owned());
+            let checkpoint_bundle = self.write_locked(held, vec![draft])?.pop();
+            let mut days: Vec<(Date, OwnedFd)> = Vec::new();
+            let mut unused = Vec::new();
+            for item in &chain[..removable] {
+                let date = item.dir.date;
+                if !days.iter().any(|(d, _)| *d == date) {
+                    let day = self.open_day(&held.root, date, false, &mut unused)?;
+                    days.push((date, day));
                 }
+                let Some((_, day)) = days.iter().find(|(d, _)| *d == date) else {
+                    continue;
+                };
+                let graveyard = format!("pruned-{}", item.view.bundle_id);
+                fsafe::rename_at(day, &item.dir.name, &held.tmp, &graveyard)
+                    .map_err(io_err(&item.dir.path))?;
             }
-            for day in &touched {
-                fsync_dir(day)?;
-                remove_empty_ancestors(&self.root, day)?;
+            for (date, day) in &days {
+                fsafe::fsync_fd(day).map_err(io_err(&self.path(day_path(*date))))?;
             }
-            self.clean_tmp()?;
+            drop(days);
+            for (date, _) in chain[..removable]
+                .iter()
+                .map(|c| (c.dir.date, ()))
+                .collect::<std::collections::BTreeMap<_, _>>()
+            {
+                self.remove_empty_day(&held.root, date)?;
+            }
+            self.clean_tmp(&held.tmp)?;
             Ok(PruneReport {
                 pruned: removable as u64,
                 kept: total - removable as u64 + 1,
@@ -473,62 +654,180 @@ impl EvidenceStore {
             })
         })
     }
+
+    /// Removes the day, month and year directories of `date` while they are empty.
+    fn remove_empty_day(&self, root: &OwnedFd, date: Date) -> Result<()> {
+        let (y, m, d) = (
+            format!("{:04}", date.year()),
+            format!("{:02}", date.month()),
+            format!("{:02}", date.day()),
+        );
+        let Ok(year) = fsafe::open_dir_at(root, &y) else {
+            return Ok(());
+        };
+        let Ok(month) = fsafe::open_dir_at(&year, &m) else {
+            return Ok(());
+        };
+        let removed = |dir: &OwnedFd, name: &str| {
+            rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::REMOVEDIR).is_ok()
+        };
+        if !removed(&month, &d) {
+            return Ok(());
+        }
+        fsafe::fsync_fd(&month).map_err(io_err(&self.path(format!("{y}/{m}"))))?;
+        if !removed(&year, &m) {
+            return Ok(());
+        }
+        fsafe::fsync_fd(&year).map_err(io_err(&self.path(&y)))?;
+        if removed(root, &y) {
+            fsafe::fsync_fd(root).map_err(io_err(&self.root))?;
+        }
+        Ok(())
+    }
 }
 
-fn write_new(path: &Path, data: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(io_err(path))?;
-    f.write_all(data).map_err(io_err(path))
+/// One bundle as prune sees it.
+struct PruneItem {
+    view: ChainView,
+    hash: String,
+    dir: super::layout::BundleDir,
+    sig_ok: bool,
 }
 
-/// Creates `day` and its missing ancestors below `root`, noting each parent
-/// whose entries changed so that it is fsynced.
-fn create_dirs_noting_parents(root: &Path, day: &Path, to_sync: &mut Vec<PathBuf>) -> Result<()> {
+/// Checks what a prune of `chain[..removable]` would cover, with the first
+/// bundle kept: signatures, names, contiguous seqs, links, and the start.
+fn check_prefix(
+    chain: &[PruneItem],
+    removable: usize,
+    fingerprint: &str,
+    head: &HeadRecord,
+) -> std::result::Result<(), String> {
+    let covered = &chain[..(removable + 1).min(chain.len())];
+    for c in covered {
+        let name = format!("bundle {} (seq {})", c.dir.name, c.view.seq);
+        if !c.sig_ok {
+            return Err(format!(
+                "{name} has no valid signature by this store's key {fingerprint}"
+            ));
+        }
+        if c.view.bundle_id != c.dir.name {
+            return Err(format!(
+                "{name}: the directory holds bundle {} (moved or swapped)",
+                c.view.bundle_id
+            ));
+        }
+    }
+    for pair in covered.windows(2) {
+        let (prev, cur) = (&pair[0], &pair[1]);
+        if cur.view.seq != prev.view.seq + 1 {
+            return Err(if cur.view.seq == prev.view.seq {
+                format!(
+                    "seq {} appears twice (bundles {} and {}: a forked chain)",
+                    cur.view.seq, prev.dir.name, cur.dir.name
+                )
+            } else {
+                format!(
+                    "seq {}..{} are missing between bundles {} and {}",
+                    prev.view.seq + 1,
+                    cur.view.seq - 1,
+                    prev.dir.name,
+                    cur.dir.name
+                )
+            });
+        }
+        if cur.view.prev_hash.as_deref() != Some(prev.hash.as_str()) {
+            return Err(format!(
+                "bundle {} (seq {}) does not link to bundle {} (seq {}): the chain is broken",
+                cur.dir.name, cur.view.seq, prev.dir.name, prev.view.seq
+            ));
+        }
+    }
+    let first = &chain[0];
+    let explained = if first.view.seq == 1 {
+        first.view.prev_hash.is_none()
+    } else {
+        chain.iter().any(|c| {
+            c.view.check == Check::EvidenceRetention
+                && serde_json::from_str::<Checkpoint>(c.view.post_state.get()).is_ok_and(|cp| {
+                    cp.pruned_through_seq + 1 == first.view.seq
+                        && first.view.prev_hash.as_deref() == Some(cp.pruned_through_hash.as_str())
+                })
+        })
+    };
+    if !explained {
+        return Err(format!(
+            "the oldest bundle {} is seq {} and no retention checkpoint accounts for what came before it",
+            first.dir.name, first.view.seq
+        ));
+    }
+    // Everything goes: the last removed must be the recorded head.
+    if removable == chain.len() && head.hash.as_deref() != Some(chain[removable - 1].hash.as_str())
+    {
+        return Err("the newest bundle is not the one the head record names".into());
+    }
+    Ok(())
+}
+
+fn not_durable(stored: &[StoredBundle], path: &Path, e: std::io::Error) -> EvidenceError {
+    let ids: Vec<String> = stored
+        .iter()
+        .map(|s| format!("{} (seq {})", s.bundle_id, s.seq))
+        .collect();
+    EvidenceError::Io {
+        path: path.to_owned(),
+        source: std::io::Error::new(
+            e.kind(),
+            format!(
+                "{e}; bundle(s) {} are in place but could not be made durable",
+                ids.join(", ")
+            ),
+        ),
+    }
+}
+
+/// The signed alert written before anything else when the head record cannot
+/// be trusted: what was expected, what was found, which seqs are missing.
+fn integrity_alert(
+    kind: &str,
+    problem: String,
+    recorded: Option<&HeadRecord>,
+    disk: &DiskHead,
+) -> Draft {
+    /// At most this many missing seqs are listed one by one.
+    const LISTED: u64 = 256;
     let mut missing = Vec::new();
-    let mut cur = day.to_owned();
-    while !cur.is_dir() && cur != root {
-        missing.push(cur.clone());
-        match cur.parent() {
-            Some(p) => cur = p.to_owned(),
-            None => break,
+    let mut missing_range = None;
+    if let Some(r) = recorded
+        && r.seq > disk.record.seq
+    {
+        let (from, through) = (disk.record.seq + 1, r.seq);
+        missing_range = Some(json!({ "from_seq": from, "through_seq": through }));
+        for seq in from..=through.min(from + LISTED - 1) {
+            let known = r.recent.iter().find(|l| l.seq == seq);
+            missing.push(json!({
+                "seq": seq,
+                "hash": known.map(|l| l.hash.clone()),
+                "bundle_id": known.map(|l| l.bundle_id.clone()),
+            }));
         }
     }
-    for dir in missing.iter().rev() {
-        match fs::create_dir(dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io_err(dir)(e)),
-        }
-        if let Some(parent) = dir.parent()
-            && !to_sync.iter().any(|p| p == parent)
-        {
-            to_sync.push(parent.to_owned());
-        }
-    }
-    Ok(())
-}
-
-/// Removes `dir` and its parents up to `root` while they are empty.
-fn remove_empty_ancestors(root: &Path, dir: &Path) -> Result<()> {
-    let mut cur = dir.to_owned();
-    while cur != root && cur.starts_with(root) {
-        match fs::remove_dir(&cur) {
-            Ok(()) => {}
-            // Not empty (or already gone): stop climbing.
-            Err(_) => break,
-        }
-        match cur.parent() {
-            Some(p) => {
-                let parent = p.to_owned();
-                fsync_dir(&parent)?;
-                cur = parent;
-            }
-            None => break,
-        }
-    }
-    Ok(())
+    tracing::error!(%problem, "evidence store integrity alert");
+    let mut draft = Draft::new(Check::EvidenceIntegrity, Outcome::Alert);
+    draft.error = Some(problem);
+    draft.pre_state = json!({
+        "kind": kind,
+        "recorded_head": recorded.map(|r| json!({
+            "seq": r.seq, "hash": r.hash, "bundle_id": r.bundle_id, "date": r.date,
+        })),
+        "newest_on_disk": json!({
+            "seq": disk.record.seq, "hash": disk.record.hash, "bundle_id": disk.record.bundle_id,
+        }),
+        "bundles_on_disk": disk.bundles,
+        "missing_range": missing_range,
+        "missing": missing,
+    });
+    draft.post_state = json!({
+        "continued_after_seq": recorded.map_or(disk.record.seq, |r| r.seq),
+    });
+    draft
 }

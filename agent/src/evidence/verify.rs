@@ -1,15 +1,18 @@
 //! Verification of a whole evidence store: every signature, the hash chain, gaps, forks, moved or swapped files.
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::layout::{BUNDLE_FILE, BundleDir, HEAD_FILE, HeadRecord, SIGNATURE_FILE, all_bundles};
+use super::fsafe;
+use super::layout::{
+    BUNDLE_FILE, BundleDir, HEAD_FILE, HeadRecord, HeadState, LOCK_FILE, SIGNATURE_FILE, read_head,
+    walk,
+};
 use super::store::Checkpoint;
-use super::{Check, Result};
+use super::{Check, MAX_BUNDLE_BYTES, MAX_SIGNATURE_READ, Result, io_err};
 use crate::crypto::{SIGNATURE_LEN, VerifyingKey};
 
 /// The fields of bundle.json that the chain needs; the rest is skipped unparsed.
@@ -22,6 +25,8 @@ pub(super) struct ChainView {
     pub check: Check,
     pub signing_key_fingerprint: String,
     pub post_state: Box<RawValue>,
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// One thing wrong with the store, naming the bundle it concerns.
@@ -83,16 +88,65 @@ fn parse_hash(hex_text: &str) -> Option<[u8; 32]> {
 struct Loaded {
     dir: BundleDir,
     json: Vec<u8>,
-    sig: Vec<u8>,
+    /// The signature's bytes, or why they could not be read.
+    sig: std::result::Result<Vec<u8>, String>,
     view: ChainView,
 }
 
 /// How many signatures are checked in one batch.
 const BATCH: usize = 64;
 
+/// The evidence store that `dir` lies inside (not `dir` itself), if any:
+/// verifying a part of a store would miss what the rest says.
+pub fn store_containing(dir: &Path) -> Option<PathBuf> {
+    let dir = std::fs::canonicalize(dir).ok()?;
+    dir.ancestors()
+        .skip(1)
+        .take(4)
+        .find(|a| {
+            [HEAD_FILE, LOCK_FILE, super::layout::TMP_DIR]
+                .iter()
+                .any(|marker| fsafe::kind_of(&a.join(marker)).ok().flatten().is_some())
+        })
+        .map(Path::to_path_buf)
+}
+
 /// Verifies every bundle under `root` against `key`.
+///
+/// The report is ok only when every bundle has a valid signature by `key`;
+/// each bundle without one is named with the reason. While it runs it holds
+/// the writer's lock shared, so a live store is seen between writes, never
+/// in the middle of one.
 pub fn verify(root: &Path, key: &VerifyingKey) -> Result<VerifyReport> {
-    let dirs = all_bundles(root)?;
+    let root_fd = fsafe::open_root(root).map_err(io_err(root))?;
+    let lock_path = root.join(LOCK_FILE);
+    let mut problems = Vec::new();
+    let lock = match fsafe::open_lock_shared_at(&root_fd, LOCK_FILE) {
+        Ok(lock) => lock,
+        Err(e) => {
+            problems.push(Problem {
+                bundle_id: None,
+                seq: None,
+                path: Some(lock_path.clone()),
+                message: format!(
+                    "the writer's lock {LOCK_FILE} is not usable ({e}); a writer may be running"
+                ),
+            });
+            None
+        }
+    };
+    if let Some(lock) = &lock {
+        lock.lock_shared().map_err(io_err(&lock_path))?;
+    }
+    let (dirs, strays) = walk(root)?;
+    for stray in strays {
+        problems.push(Problem {
+            bundle_id: None,
+            seq: None,
+            message: format!("{} {}", stray.path.display(), stray.what),
+            path: Some(stray.path),
+        });
+    }
     let fingerprint = key.fingerprint();
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -123,7 +177,6 @@ pub fn verify(root: &Path, key: &VerifyingKey) -> Result<VerifyReport> {
             .collect()
     });
 
-    let mut problems = Vec::new();
     let mut links = Vec::with_capacity(dirs.len());
     let mut signatures_valid = 0;
     for (l, p, v) in results {
@@ -133,7 +186,33 @@ pub fn verify(root: &Path, key: &VerifyingKey) -> Result<VerifyReport> {
     }
     let bundles = dirs.len() as u64;
     drop(dirs);
-    let (first_seq, last_seq, pruned_through_seq) = check_chain(root, &mut links, &mut problems);
+    if bundles == 0 {
+        problems.push(Problem {
+            bundle_id: None,
+            seq: None,
+            path: Some(root.to_owned()),
+            message: format!(
+                "{} holds no evidence bundles at all (an empty store, or not an evidence directory)",
+                root.display()
+            ),
+        });
+    }
+    let head = read_head(&root_fd, key);
+    let (first_seq, last_seq, pruned_through_seq) =
+        check_chain(root, &head, &mut links, &mut problems);
+    // The invariant, whatever the checks above found: every bundle without a
+    // valid signature is a problem.
+    if signatures_valid < bundles && problems.is_empty() {
+        problems.push(Problem {
+            bundle_id: None,
+            seq: None,
+            path: None,
+            message: format!(
+                "only {signatures_valid} of {bundles} bundles have a valid signature by {fingerprint}"
+            ),
+        });
+    }
+    drop(lock);
     Ok(VerifyReport {
         key_fingerprint: fingerprint,
         bundles,
@@ -177,35 +256,30 @@ fn verify_part(
 }
 
 fn load(dir: &BundleDir, problems: &mut Vec<Problem>) -> Option<Loaded> {
-    if !dir.path.is_dir() {
+    if let Some(what) = dir.not_a_dir {
         problems.push(problem(
             dir,
             None,
-            "is a stray file in the date tree, not a bundle directory".into(),
+            format!("is {what} in the date tree, not a bundle directory (never followed)"),
         ));
         return None;
     }
-    let json = match fs::read(dir.path.join(BUNDLE_FILE)) {
+    let json = match fsafe::read_capped(&dir.path.join(BUNDLE_FILE), MAX_BUNDLE_BYTES) {
         Ok(j) => j,
         Err(e) => {
             problems.push(problem(
                 dir,
                 None,
-                format!("{BUNDLE_FILE} cannot be read ({e})"),
+                format!("{BUNDLE_FILE} cannot be read: {e}"),
             ));
             return None;
         }
     };
-    let sig = match fs::read(dir.path.join(SIGNATURE_FILE)) {
-        Ok(s) => s,
-        Err(e) => {
-            problems.push(problem(
-                dir,
-                None,
-                format!("{SIGNATURE_FILE} cannot be read ({e}); the bundle is unsigned"),
-            ));
-            Vec::new()
-        }
+    let sig = match fsafe::read_capped(&dir.path.join(SIGNATURE_FILE), MAX_SIGNATURE_READ) {
+        Ok(s) => Ok(s),
+        Err(e) => Err(format!(
+            "{SIGNATURE_FILE} cannot be read: {e}; the bundle is unsigned"
+        )),
     };
     let view: ChainView = match serde_json::from_slice(&json) {
         Ok(v) => v,
@@ -240,33 +314,35 @@ fn check_batch(
         .iter()
         .map(|l| {
             l.sig
-                .as_slice()
-                .try_into()
+                .as_ref()
                 .ok()
+                .and_then(|s| s.as_slice().try_into().ok())
                 .map(|s| (l.json.as_slice(), s))
         })
         .collect();
     let all_good = well_formed.is_some_and(|items| key.verify_batch(&items).is_ok());
     for l in batch.drain(..) {
         let seq = Some(l.view.seq);
-        let sig_ok = all_good || key.verify(&l.json, &l.sig).is_ok();
+        let sig_ok = match &l.sig {
+            Ok(sig) => all_good || key.verify(&l.json, sig).is_ok(),
+            Err(_) => false,
+        };
         if sig_ok {
             valid += 1;
-        } else if !l.sig.is_empty() {
-            let message = if l.sig.len() != SIGNATURE_LEN {
-                format!(
-                    "{SIGNATURE_FILE} is {} bytes, not a {SIGNATURE_LEN}-byte Ed25519 signature",
-                    l.sig.len()
-                )
-            } else if l.view.signing_key_fingerprint != fingerprint {
-                format!(
+        } else {
+            let message = match &l.sig {
+                Err(reason) => reason.clone(),
+                Ok(sig) if sig.len() != SIGNATURE_LEN => format!(
+                    "{SIGNATURE_FILE} is {} bytes, not a {SIGNATURE_LEN}-byte Ed25519 signature; the bundle is unsigned",
+                    sig.len()
+                ),
+                Ok(_) if l.view.signing_key_fingerprint != fingerprint => format!(
                     "signed by another key: it names {} but this store's key is {fingerprint}",
                     l.view.signing_key_fingerprint
-                )
-            } else {
-                format!(
+                ),
+                Ok(_) => format!(
                     "signature does not match the contents: {BUNDLE_FILE} or {SIGNATURE_FILE} was changed after signing"
-                )
+                ),
             };
             problems.push(problem(&l.dir, seq, message));
         }
@@ -302,6 +378,17 @@ fn check_batch(
                 format!(
                     "written at {} but filed under {} (moved between days)",
                     l.view.timestamp_end, l.dir.date
+                ),
+            ));
+        }
+        if l.view.check == Check::EvidenceIntegrity {
+            // The writer found evidence missing or altered and said so; that stays a finding.
+            problems.push(problem(
+                &l.dir,
+                seq,
+                format!(
+                    "is the writer's signed integrity alert: {}",
+                    l.view.error.as_deref().unwrap_or("evidence missing")
                 ),
             ));
         }
@@ -363,6 +450,7 @@ fn chain_problem(link: &Link, message: String) -> Problem {
 /// Checks order, gaps, forks, prev_hash links, pruning checkpoints and the tail.
 fn check_chain(
     root: &Path,
+    head: &HeadState,
     links: &mut [Link],
     problems: &mut Vec<Problem>,
 ) -> (Option<u64>, Option<u64>, Option<u64>) {
@@ -380,6 +468,32 @@ fn check_chain(
         .filter_map(|l| l.checkpoint.as_ref().map(|c| (l, c)))
         .max_by_key(|(_, c)| c.pruned_through_seq);
     let pruned_through = checkpoint.map(|(_, c)| c.pruned_through_seq);
+    // A checkpoint's numbers must agree with each other and with where it stands.
+    for l in links.iter() {
+        let Some(c) = &l.checkpoint else { continue };
+        let span = c
+            .pruned_through_seq
+            .checked_sub(c.pruned_from_seq)
+            .map(|d| d + 1);
+        if c.pruned_from_seq == 0 || span != Some(c.pruned_count) {
+            problems.push(chain_problem(
+                l,
+                format!(
+                    "is a retention checkpoint whose pruned_count {} does not match the range it claims (seq {}..{})",
+                    c.pruned_count, c.pruned_from_seq, c.pruned_through_seq
+                ),
+            ));
+        }
+        if c.pruned_through_seq >= l.seq {
+            problems.push(chain_problem(
+                l,
+                format!(
+                    "is a retention checkpoint at seq {} claiming to have pruned through seq {} (not before itself)",
+                    l.seq, c.pruned_through_seq
+                ),
+            ));
+        }
+    }
     let by_seq: BTreeMap<u64, usize> = links.iter().enumerate().map(|(i, l)| (l.seq, i)).collect();
 
     if let Some(first_link) = links.first() {
@@ -460,21 +574,80 @@ fn check_chain(
         }
     }
 
-    // Bundles deleted from the newest end leave no gap; the head record still names them.
-    if let Ok(bytes) = fs::read(root.join(HEAD_FILE))
-        && let Ok(head) = serde_json::from_slice::<HeadRecord>(&bytes)
-        && head.seq > last.unwrap_or(0)
-    {
-        problems.push(Problem {
-                    bundle_id: head.bundle_id.clone(),
-                    seq: Some(head.seq),
-                    path: None,
-                    message: format!(
-                        "the chain head record names seq {} but the newest bundle found is seq {} (newest bundles deleted?)",
-                        head.seq,
-                        last.unwrap_or(0)
-                    ),
-                });
-    }
+    check_head(root, head, links, &by_seq, last, problems);
     (first, last, pruned_through)
+}
+
+/// Bundles deleted from the newest end leave no gap in the chain: the signed
+/// head record, which names the newest bundle, is what catches them. So a
+/// missing, unreadable or inconsistent head record is a problem too.
+fn check_head(
+    root: &Path,
+    head: &HeadState,
+    links: &[Link],
+    by_seq: &BTreeMap<u64, usize>,
+    last: Option<u64>,
+    problems: &mut Vec<Problem>,
+) {
+    let head_problem = |seq: Option<u64>, bundle_id: Option<String>, message: String| Problem {
+        bundle_id,
+        seq,
+        path: Some(root.join(HEAD_FILE)),
+        message,
+    };
+    let mut record: HeadRecord = match head {
+        HeadState::Valid(r) => r.clone(),
+        HeadState::Missing => {
+            if !links.is_empty() {
+                problems.push(head_problem(
+                    None,
+                    None,
+                    format!("the chain head record {HEAD_FILE} is missing, so bundles deleted from the newest end cannot be ruled out"),
+                ));
+            }
+            return;
+        }
+        HeadState::Unreadable(reason) => {
+            problems.push(head_problem(None, None, reason.clone()));
+            return;
+        }
+    };
+    // A write in progress (or cut short): its bundles count once their directories exist.
+    let hash_of = |seq: u64| by_seq.get(&seq).map(|&i| hex::encode(links[i].hash));
+    for p in std::mem::take(&mut record.pending) {
+        if hash_of(p.seq).as_deref() == Some(p.hash.as_str()) {
+            record.commit(&p);
+        }
+    }
+    let newest = last.unwrap_or(0);
+    if record.seq > newest {
+        problems.push(head_problem(
+            Some(record.seq),
+            record.bundle_id.clone(),
+            format!(
+                "the chain head record names seq {} but the newest bundle found is seq {newest} (newest bundles deleted?)",
+                record.seq
+            ),
+        ));
+    } else if record.seq < newest {
+        problems.push(head_problem(
+            Some(record.seq),
+            record.bundle_id.clone(),
+            format!(
+                "the chain head record names seq {} but bundles up to seq {newest} exist (bundles added outside the writer, or an old head record put back)",
+                record.seq
+            ),
+        ));
+    } else if record.seq > 0 && hash_of(record.seq) != record.hash {
+        problems.push(head_problem(
+            Some(record.seq),
+            record.bundle_id.clone(),
+            format!(
+                "the chain head record names hash {} for seq {} but that bundle hashes to {} (replaced?)",
+                record.hash.as_deref().unwrap_or("none"),
+                record.seq,
+                hash_of(record.seq).unwrap_or_default()
+            ),
+        ));
+    }
 }

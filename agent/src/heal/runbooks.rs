@@ -86,18 +86,7 @@ pub enum Runbook {
     CollectEvidence(NoParams),
 }
 
-pub const RUNBOOK_IDS: &[&str] = &[
-    "restart_unit",
-    "stop_unit",
-    "reapply_firewall",
-    "run_backup",
-    "restore_test",
-    "refresh_av_signatures",
-    "resync_time",
-    "switch_generation",
-    "rollback_generation",
-    "collect_evidence",
-];
+pub use crate::runbook_ids::RUNBOOK_IDS;
 
 fn params<T: for<'de> Deserialize<'de>>(id: &str, value: &Value) -> Result<T, String> {
     let value = if value.is_null() {

@@ -23,6 +23,9 @@ pub const USER: &str = Appliance::AGENT_USER;
 /// Evaluates a pure function of modules/lib/ with the host's nix-instantiate: what ships is what runs here.
 pub fn nix_eval(expr: &str) -> Value {
     let out = Command::new("nix-instantiate")
+        // The suite's own Nix settings, never /etc/nix (tests/nix-conf/nix.conf).
+        .env("NIX_CONF_DIR", harness::repo_root().join("tests/nix-conf"))
+        .env_remove("NIX_CONFIG")
         .args(["--eval", "--strict", "--json", "-E", expr])
         .current_dir(harness::repo_root())
         .output()

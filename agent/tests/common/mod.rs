@@ -30,6 +30,21 @@ pub fn require_tool(name: &str) -> PathBuf {
     panic!("{name} is not installed; run tests/run, which installs the test dependencies");
 }
 
+/// The suite's own Nix settings (tests/nix-conf/nix.conf): no build users, no
+/// substituters, no sandbox. Every Nix command the tests run on the host uses
+/// them, so neither /etc/nix nor a `nixbld` group is needed or read.
+pub fn nix_conf_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/nix-conf")
+}
+
+/// A host Nix command (`nix-build`, `nix-env`, `nix-hash`, ...) with the suite's settings.
+pub fn nix_command(name: &str) -> Command {
+    let mut cmd = Command::new(require_tool(name));
+    cmd.env("NIX_CONF_DIR", nix_conf_dir())
+        .env_remove("NIX_CONFIG");
+    cmd
+}
+
 pub fn host() -> HostIdentity {
     HostIdentity {
         site_id: "clinic-1".into(),
@@ -303,7 +318,8 @@ impl Channel {
 
     /// The box's evidence store (the same key and directory the agent uses).
     pub fn evidence(&self) -> EvidenceStore {
-        compliance_agent::cli::open_evidence_store(&self.config()).expect("open evidence store")
+        compliance_agent::resources::open_evidence_store(&self.config())
+            .expect("open evidence store")
     }
 
     /// Stores `n` bundles through the library, in groups of seven.

@@ -18,7 +18,7 @@ use crate::evidence::{self, Check, Draft, Filter, Outcome};
 use crate::mcp::{self, DeliverReport, McpClient, McpError, Selection};
 use crate::orders::{self, OrderContext};
 use crate::queue::{QueueStats, unix_now};
-use crate::resources::{open_evidence_store, open_queue};
+use crate::resources::{load_signing_key, open_evidence_store, open_queue};
 use crate::{Error, Result};
 
 /// HIPAA compliance agent for NixOS appliances: detects drift, heals it and

@@ -383,10 +383,10 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Sites(SitesCommand::Allow { site, runbooks }) => {
             for r in &runbooks {
-                if !compliance_agent::orders::KNOWN_RUNBOOKS.contains(&r.as_str()) {
+                if !compliance_agent::runbook_ids::RUNBOOK_IDS.contains(&r.as_str()) {
                     return Err(Error::Invalid(format!(
                         "unknown runbook {r:?}; known: {}",
-                        compliance_agent::orders::KNOWN_RUNBOOKS.join(", ")
+                        compliance_agent::runbook_ids::RUNBOOK_IDS.join(", ")
                     )));
                 }
             }

@@ -345,10 +345,10 @@ impl Config {
             .iter()
             .chain(&o.default_site_allowlist)
         {
-            if !compliance_agent::orders::KNOWN_RUNBOOKS.contains(&r.as_str()) {
+            if !compliance_agent::runbook_ids::RUNBOOK_IDS.contains(&r.as_str()) {
                 problems.push(format!(
                     "orders: runbook {r:?} is unknown; known: {}",
-                    compliance_agent::orders::KNOWN_RUNBOOKS.join(", ")
+                    compliance_agent::runbook_ids::RUNBOOK_IDS.join(", ")
                 ));
             }
         }

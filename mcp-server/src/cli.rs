@@ -45,6 +45,9 @@ pub enum Command {
     /// Orders to hosts.
     #[command(subcommand)]
     Order(OrderCommand),
+    /// The evidence the server accepted.
+    #[command(subcommand)]
+    Evidence(EvidenceCommand),
     /// Operator accounts and their API tokens.
     #[command(subcommand)]
     Users(UsersCommand),
@@ -154,6 +157,18 @@ pub enum OrderCommand {
         /// Approve as this operator (its token file), not as the local admin.
         #[arg(long, value_name = "FILE")]
         as_token: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EvidenceCommand {
+    /// Bundle ids a host delivered, in seq order.
+    List {
+        /// SITE/HOST
+        #[arg(long)]
+        host: String,
         #[arg(long)]
         json: bool,
     },
@@ -513,6 +528,17 @@ pub fn run(cli: Cli) -> Result<()> {
                 print_json(&json!(o));
             } else {
                 println!("{}\t{}", o.order_id, o.state.as_str());
+            }
+        }
+        Command::Evidence(EvidenceCommand::List { host, json }) => {
+            let (site, host_id) = split_host(&host)?;
+            let ids = svc.store.bundle_ids(&caller, &site, &host_id)?;
+            if json {
+                print_json(&json!({ "host": host, "bundles": ids }));
+            } else {
+                for id in ids {
+                    println!("{id}");
+                }
             }
         }
         Command::Users(UsersCommand::Add {

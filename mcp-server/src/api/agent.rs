@@ -67,7 +67,12 @@ pub fn router(state: AgentState, intercept: Option<Intercept>) -> Router {
                 let intercept = intercept.clone();
                 async move {
                     match intercept(req.method().as_str(), req.uri().path()) {
-                        Some(c) => canned(c),
+                        Some(c) => {
+                            // Read the request first, as a real handler does: closing with
+                            // unread data resets the connection before the answer arrives.
+                            let _ = axum::body::to_bytes(req.into_body(), 4 * 1024 * 1024).await;
+                            canned(c)
+                        }
                         None => next.run(req).await,
                     }
                 }

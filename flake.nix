@@ -39,11 +39,9 @@
         {
           compliance-agent = agent;
           default = agent;
-          installer-iso = self.nixosConfigurations."installer-${system}".config.system.build.isoImage;
-        }
-        # The reference MCP server from the same workspace, used by the VM tests.
-        // lib.optionalAttrs (builtins.pathExists ./tests/mcp-server/Cargo.toml) {
+          # The MSP's central server, from the same workspace.
           mcp-server = pkgs.callPackage ./agent/package.nix { cargoPackage = "mcp-server"; };
+          installer-iso = self.nixosConfigurations."installer-${system}".config.system.build.isoImage;
         }
       );
 
@@ -57,6 +55,14 @@
                 self.packages.${pkgs.stdenv.hostPlatform.system}.compliance-agent;
           };
         hardening = ./modules/hardening.nix;
+        mcp-server =
+          { pkgs, lib, ... }:
+          {
+            imports = [ ./modules/mcp-server.nix ];
+            services.mcp-server.package =
+              lib.mkDefault
+                self.packages.${pkgs.stdenv.hostPlatform.system}.mcp-server;
+          };
         default = {
           imports = [
             self.nixosModules.compliance-agent

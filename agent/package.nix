@@ -1,5 +1,5 @@
 # Nix build of the Rust workspace (the flake's packages.<system>.compliance-agent
-# and mcp-server). Built from Cargo.lock, with the source reduced to what cargo
+# and mcp-server, the central server). Built from Cargo.lock, with the source reduced to what cargo
 # reads, so edits to Nix files or docs do not rebuild the agent.
 {
   lib,
@@ -11,7 +11,7 @@
 let
   workspace = lib.importTOML ../Cargo.toml;
   memberToml =
-    if cargoPackage == "compliance-agent" then ../agent/Cargo.toml else ../tests/mcp-server/Cargo.toml;
+    if cargoPackage == "compliance-agent" then ../agent/Cargo.toml else ../mcp-server/Cargo.toml;
   member = lib.importTOML memberToml;
   # `version.workspace = true` in the member means the workspace's version.
   version =
@@ -26,7 +26,9 @@ let
       ../Cargo.toml
       ../Cargo.lock
       (lib.fileset.difference ../agent ./package.nix)
-      (lib.fileset.maybeMissing ../tests/mcp-server)
+      # The agent's channel tests use the server as a library (a dev-dependency), so
+      # the workspace needs both members to resolve.
+      ../mcp-server
     ];
   };
 in
@@ -54,7 +56,7 @@ rustPlatform.buildRustPackage {
       if cargoPackage == "compliance-agent" then
         "HIPAA compliance agent: drift detection, healing and signed evidence for NixOS site boxes"
       else
-        "Reference MCP server for the compliance agent's tests";
+        "The MSP's central server for compliance appliances: enrollment, evidence intake, WORM archive, orders";
     license = lib.licenses.agpl3Plus;
     mainProgram = cargoPackage;
     platforms = lib.platforms.linux;

@@ -14,13 +14,13 @@
     import json
 
     def received():
-        out = mcp.succeed("mcp-server list --state $MCP_DATA_DIR --site test-site --host machine --json")
+        out = mcp.succeed("mcp-server-admin evidence list --host test-site/machine --json")
         return set(json.loads(out)["bundles"])
 
     def enroll():
         key = machine.succeed("cat /var/lib/compliance-agent-keys/signing.pub.pem")
         mcp.succeed(f"cat > /tmp/machine.pub.pem <<'EOF'\n{key}EOF")
-        mcp.succeed("mcp-server enroll --state $MCP_DATA_DIR --site test-site --host machine --pubkey /tmp/machine.pub.pem")
+        mcp.succeed("mcp-server-admin hosts add test-site/machine --pubkey /tmp/machine.pub.pem")
 
 
     def local_bundles():
@@ -70,7 +70,7 @@
 
     with subtest("the MCP holds each bundle once, and the box's chain verifies"):
         # The server checks each upload's signature against the enrolled key and its chain link.
-        out = json.loads(mcp.succeed("mcp-server list --state $MCP_DATA_DIR --site test-site --host machine --json"))
+        out = json.loads(mcp.succeed("mcp-server-admin evidence list --host test-site/machine --json"))
         assert len(out["bundles"]) == len(set(out["bundles"])), f"expected no duplicates, got {out['bundles']}"
         machine.succeed("compliance-agent-admin evidence verify")
   '';

@@ -27,14 +27,14 @@
 
     def issue():
         return mcp.succeed(
-            "mcp-server order --state $MCP_DATA_DIR --site test-site --host machine"
+            "mcp-server-admin order create --host test-site/machine"
             " --runbook restart_unit --params '{\"unit\": \"clinic-app.service\"}' --ttl 3600"
-        ).strip()
+        ).split()[0]
 
     def enroll():
         key = machine.succeed("cat /var/lib/compliance-agent-keys/signing.pub.pem")
         mcp.succeed(f"cat > /tmp/machine.pub.pem <<'EOF'\n{key}EOF")
-        mcp.succeed("mcp-server enroll --state $MCP_DATA_DIR --site test-site --host machine --pubkey /tmp/machine.pub.pem")
+        mcp.succeed("mcp-server-admin hosts add test-site/machine --pubkey /tmp/machine.pub.pem")
 
     def outcome_of(order_id):
         machine.wait_until_succeeds(

@@ -35,6 +35,15 @@ in
   # Direct mode: a clinic the MSP manages itself.
   clinic-b-server = siteBox ./clinic-b-server;
 
+  # The MSP's central server (mcp-server with PostgreSQL and a locked MinIO bucket).
+  msp-central = lib.nixosSystem {
+    inherit specialArgs;
+    modules = [
+      { nixpkgs.hostPlatform = "x86_64-linux"; }
+      ./msp-central
+    ];
+  };
+
   installer = installerFor "x86_64-linux";
   installer-x86_64-linux = installerFor "x86_64-linux";
   installer-aarch64-linux = installerFor "aarch64-linux";

@@ -1,6 +1,6 @@
 //! The channel's throughput: upload-queue operations per second, and a queue
-//! drain after an outage, 10,000 bundles over mTLS on loopback to the reference
-//! MCP server, with the agent's peak RSS.
+//! drain after an outage, 10,000 bundles over mTLS on loopback to the central
+//! server (`mcp-server`, in this process), with the agent's peak RSS.
 //!
 //! Run: `cargo bench -p compliance-agent --bench channel`
 
@@ -99,7 +99,6 @@ fn write(path: &Path, text: &str) -> BenchResult<()> {
 /// 10,000 bundles queued while the MCP is down, then drained by `queue flush`.
 fn drain(dir: &Path) -> BenchResult<()> {
     let agent = env!("CARGO_BIN_EXE_compliance-agent");
-    let pki = mcp_server::pki::make(&dir.join("pki"), &["127.0.0.1"], "clinic-1/frontdesk-01")?;
     let keygen = Command::new(agent)
         .args(["keygen", "--out"])
         .arg(dir.join("keys"))
@@ -107,16 +106,30 @@ fn drain(dir: &Path) -> BenchResult<()> {
     if !keygen.status.success() {
         return Err(String::from_utf8_lossy(&keygen.stderr).into_owned().into());
     }
-    let state = dir.join("mcp");
-    let store = mcp_server::Store::open(&state)?;
-    store.enroll(
-        "clinic-1",
-        "frontdesk-01",
-        &std::fs::read_to_string(dir.join("keys/signing.pub.pem"))?,
-    )?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
+    let server_config = mcp_server::config::Config {
+        state_dir: dir.join("mcp"),
+        agent_listen: ([127, 0, 0, 1], port).into(),
+        operator_listen: ([127, 0, 0, 1], 0).into(),
+        ..mcp_server::config::Config::default()
+    };
+    // The box provisioned by hand (`mcp-server hosts add`) with a certificate of the CA.
+    let (svc, _) = mcp_server::Services::open(server_config)?;
+    mcp_server::cli::add_host(
+        &svc,
+        &mcp_server::auth::Caller::local("bench"),
+        "clinic-1",
+        "frontdesk-01",
+        None,
+        &std::fs::read_to_string(dir.join("keys/signing.pub.pem"))?,
+    )?;
+    let pki = dir.join("pki");
+    svc.ca.write(&pki)?;
+    svc.ca
+        .client("clinic-1/frontdesk-01", mcp_server::pki::Validity::Days(30))?
+        .write(&pki, "client")?;
     let config = dir.join("agent.toml");
     write(
         &config,
@@ -126,10 +139,10 @@ fn drain(dir: &Path) -> BenchResult<()> {
             dir.join("keys/signing.key"),
             dir.join("evidence"),
             dir.join("state"),
-            pki.ca,
-            pki.client_cert,
-            pki.client_key,
-            store.order_pubkey_file(),
+            pki.join("ca.pem"),
+            pki.join("client.pem"),
+            pki.join("client.key"),
+            svc.paths.order_pubkey,
         ),
     )?;
     let loaded = compliance_agent::config::Config::load(Some(&config))?;
@@ -161,14 +174,7 @@ fn drain(dir: &Path) -> BenchResult<()> {
         "flush fails while the MCP is down"
     );
 
-    let server = mcp_server::start(mcp_server::ServerConfig {
-        state_dir: state.clone(),
-        listen: ([127, 0, 0, 1], port).into(),
-        cert: pki.server_cert.clone(),
-        key: pki.server_key.clone(),
-        client_ca: pki.ca.clone(),
-        api_key: None,
-    })?;
+    let server = mcp_server::Running::start(svc, mcp_server::StartOptions::default())?;
     let started = Instant::now();
     let up = Command::new(agent)
         .arg("--config")
@@ -180,7 +186,7 @@ fn drain(dir: &Path) -> BenchResult<()> {
         return Err(String::from_utf8_lossy(&up.stderr).into_owned().into());
     }
     let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)?;
-    let stored = server.store().stats().stored;
+    let stored = server.services.stats.snapshot().stored;
     server.stop();
     assert_eq!(stored as usize, DRAIN_BUNDLES, "every bundle stored once");
 

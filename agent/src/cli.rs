@@ -18,7 +18,7 @@ use crate::evidence::{self, Check, Draft, Filter, Outcome};
 use crate::mcp::{self, DeliverReport, McpClient, McpError, Selection};
 use crate::orders::{self, OrderContext};
 use crate::queue::{QueueStats, unix_now};
-use crate::resources::{open_evidence_store, open_queue};
+use crate::resources::{load_signing_key, open_evidence_store, open_queue};
 use crate::{Error, Result};
 
 /// HIPAA compliance agent for NixOS appliances: detects drift, heals it and
@@ -40,6 +40,14 @@ pub struct Cli {
 pub enum Command {
     /// Create an Ed25519 evidence signing key: DIR/signing.key (PKCS#8 PEM,
     /// mode 0600) and DIR/signing.pub.pem (SPKI PEM). Never overwrites.
+    /// Enroll with the MSP's central server: a one-time token from `mcp-server token create`.
+    Enroll {
+        /// https://HOST:PORT of the server's agent listener.
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        token: String,
+    },
     Keygen {
         /// Directory for the key pair (created if missing).
         #[arg(long, value_name = "DIR")]
@@ -231,6 +239,35 @@ pub struct ListFilter {
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Keygen { out, json } => keygen(&out, json),
+        Command::Enroll { server, token } => {
+            let config = Config::load(cli.config.as_deref())?;
+            let pubkey = load_signing_key(&config)?.verifying_key().to_spki_pem()?;
+            let files = crate::enroll::EnrollFiles::from_config(&config);
+            let e = crate::enroll::enroll(&server, &token, &config.host_id, &pubkey, &files)?;
+            out!(
+                "enrolled {}/{} ({} mode); add to the agent's config:",
+                e.site_id,
+                e.host_id,
+                e.deployment_mode
+            );
+            out!(
+                "site_id = {:?}\nhost_id = {:?}\nmcp_url = {:?}",
+                e.site_id,
+                e.host_id,
+                e.mcp_url
+            );
+            if let Some(r) = &e.reseller_id {
+                out!("reseller_id = {r:?}");
+            }
+            out!(
+                "ca_cert_file = {:?}\nclient_cert_file = {:?}\nclient_key_file = {:?}\nmcp_order_pubkey_file = {:?}",
+                files.ca_cert,
+                files.client_cert,
+                files.client_key,
+                files.order_pubkey
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Config(ConfigCommand::Check { json }) => config_check(cli.config.as_deref(), json),
         Command::Run {
             poll_only,

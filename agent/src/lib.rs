@@ -19,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod drift;
+pub mod enroll;
 pub mod error;
 pub mod evidence;
 pub mod heal;

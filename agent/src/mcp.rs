@@ -58,6 +58,12 @@ impl McpError {
             McpError::Status { status, .. } if *status >= 500 || matches!(status, 408 | 429) => {
                 Failure::Unreachable
             }
+            // The box's credentials (client certificate, API key) or its enrollment are
+            // refused: nothing about the bundle, so it stays queued until that is fixed
+            // (a revoked or not yet enrolled box must not park its evidence).
+            McpError::Status {
+                status: 401 | 403, ..
+            } => Failure::Unreachable,
             _ => Failure::Refused,
         }
     }
@@ -636,6 +642,17 @@ mod tests {
         assert_eq!(status(503).failure(), Failure::Unreachable);
         assert_eq!(status(429).failure(), Failure::Unreachable);
         assert_eq!(status(409).failure(), Failure::Refused);
+        assert_eq!(status(422).failure(), Failure::Refused);
+        assert_eq!(
+            status(401).failure(),
+            Failure::Unreachable,
+            "missing credentials say nothing about the bundle"
+        );
+        assert_eq!(
+            status(403).failure(),
+            Failure::Unreachable,
+            "a revoked or unknown box keeps its evidence queued"
+        );
         assert_eq!(
             McpError::Protocol {
                 url: "u".into(),

@@ -1,4 +1,4 @@
-//! The channel to the MCP against the reference server over mTLS on loopback:
+//! The channel to the MCP against the central server (`mcp-server`, in this process) over mTLS on loopback:
 //! outages, certificate failures, protocol faults, the order matrix, SIGKILL during delivery.
 
 mod common;
@@ -15,8 +15,9 @@ use compliance_agent::mcp::{self, ChannelSettings, McpClient, Selection};
 use compliance_agent::orders::{COLLECT_EVIDENCE, Order};
 use compliance_agent::queue::{Queue, RetryPolicy};
 use jiff::{SignedDuration, Timestamp};
-use mcp_server::http::Response;
+use mcp_server::api::agent::Canned;
 use mcp_server::pki::{Ca, Validity};
+use mcp_server::store::{OrderRecord, OrderState};
 use rand::Rng;
 use serde_json::{Value, json};
 
@@ -125,13 +126,12 @@ fn bundles_queued_during_an_outage_are_delivered_exactly_once() -> TestResult {
 fn mtls_failures_fail_closed_and_say_why() -> TestResult {
     let mut ch = Channel::new();
     ch.add_bundles(3);
-    let pki_dir = ch.dir.path().join("pki");
     let ca = Ca::new("second CA")?;
     let other = ch.dir.path().join("other");
     ca.write(&other)?;
-    ca.client("clinic-1/frontdesk-01", Validity::Current)?
+    ca.client("clinic-1/frontdesk-01", Validity::Days(30))?
         .write(&other, "client")?;
-    ca.server(&["localhost", "127.0.0.1"], Validity::Current)?
+    ca.server(&["localhost", "127.0.0.1"], Validity::Days(30))?
         .write(&other, "server")?;
 
     // 1. The box trusts another CA than the one that signed the server.
@@ -148,12 +148,14 @@ fn mtls_failures_fail_closed_and_say_why() -> TestResult {
         .server(&["localhost", "127.0.0.1"], Validity::Expired)?
         .write(&expired_dir, "server")?;
     original
-        .client("clinic-1/frontdesk-01", Validity::Current)?
+        .client("clinic-1/frontdesk-01", Validity::Days(30))?
         .write(&expired_dir, "client")?;
     ch.start_server_with(
-        &expired_dir.join("server.pem"),
-        &expired_dir.join("server.key"),
-        &expired_dir.join("ca.pem"),
+        |c| {
+            c.tls_cert_file = Some(expired_dir.join("server.pem"));
+            c.tls_key_file = Some(expired_dir.join("server.key"));
+            c.client_ca_file = Some(expired_dir.join("ca.pem"));
+        },
         None,
     );
     ch.write_config(&format!(
@@ -169,15 +171,17 @@ fn mtls_failures_fail_closed_and_say_why() -> TestResult {
     let main_ca_key_less = Ca::new("name CA")?;
     main_ca_key_less.write(&wrong_name)?;
     main_ca_key_less
-        .server(&["mcp.example.invalid"], Validity::Current)?
+        .server(&["mcp.example.invalid"], Validity::Days(30))?
         .write(&wrong_name, "server")?;
     main_ca_key_less
-        .client("clinic-1/frontdesk-01", Validity::Current)?
+        .client("clinic-1/frontdesk-01", Validity::Days(30))?
         .write(&wrong_name, "client")?;
     ch.start_server_with(
-        &wrong_name.join("server.pem"),
-        &wrong_name.join("server.key"),
-        &wrong_name.join("ca.pem"),
+        |c| {
+            c.tls_cert_file = Some(wrong_name.join("server.pem"));
+            c.tls_key_file = Some(wrong_name.join("server.key"));
+            c.client_ca_file = Some(wrong_name.join("ca.pem"));
+        },
         None,
     );
     ch.write_config(&format!(
@@ -230,7 +234,6 @@ fn mtls_failures_fail_closed_and_say_why() -> TestResult {
     // With the right files, the same bundles go through.
     run_ok(&ch, &["queue", "flush"]);
     assert_eq!(ch.server_bundles().len(), 3, "delivered once mTLS is right");
-    let _ = pki_dir;
     Ok(())
 }
 
@@ -238,10 +241,10 @@ fn mtls_failures_fail_closed_and_say_why() -> TestResult {
 fn protocol_faults_are_errors_and_bundles_stay_queued() -> TestResult {
     let mut ch = Channel::new();
     ch.add_bundles(2);
-    let cases: Vec<(&str, Response, &str)> = vec![
+    let cases: Vec<(&str, Canned, &str)> = vec![
         (
             "not JSON",
-            Response {
+            Canned {
                 status: 200,
                 headers: vec![],
                 body: b"<html>hello</html>".to_vec(),
@@ -251,7 +254,7 @@ fn protocol_faults_are_errors_and_bundles_stay_queued() -> TestResult {
         ),
         (
             "oversized answer",
-            Response {
+            Canned {
                 status: 200,
                 headers: vec![],
                 body: vec![b' '; 2 * 1024 * 1024],
@@ -261,12 +264,12 @@ fn protocol_faults_are_errors_and_bundles_stay_queued() -> TestResult {
         ),
         (
             "server error",
-            Response::json(500, &json!({ "error": "disk full" })),
+            Canned::json(500, &json!({ "error": "disk full" })),
             "HTTP 500: disk full",
         ),
         (
             "acknowledges another bundle",
-            Response::json(
+            Canned::json(
                 200,
                 &json!({ "bundle_id": "00000000-0000-0000-0000-000000000000", "status": "stored" }),
             ),
@@ -274,7 +277,7 @@ fn protocol_faults_are_errors_and_bundles_stay_queued() -> TestResult {
         ),
         (
             "redirect to another host",
-            Response {
+            Canned {
                 status: 302,
                 headers: vec![(
                     "Location".into(),
@@ -288,7 +291,7 @@ fn protocol_faults_are_errors_and_bundles_stay_queued() -> TestResult {
     ];
     for (case, response, needle) in cases {
         let canned = response.clone();
-        ch.start_faulty_server(Arc::new(move |_, _| canned.clone()));
+        ch.start_faulty_server(Arc::new(move |_, _| Some(canned.clone())));
         let out = ch.agent(&["queue", "flush"]);
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{case}: exit 1: {stderr}");
@@ -316,12 +319,9 @@ fn api_key_is_sent_and_checked() -> TestResult {
     let key_file = ch.dir.path().join("api-key");
     std::fs::write(&key_file, "wrong-key\n")?;
     ch.write_config(&format!("mcp_api_key_file = {key_file:?}"));
-    let (cert, key, ca) = (
-        ch.pki.server_cert.clone(),
-        ch.pki.server_key.clone(),
-        ch.pki.ca.clone(),
-    );
-    ch.start_server_with(&cert, &key, &ca, Some("s3cret-token"));
+    let server_key_file = ch.dir.path().join("server-api-key");
+    std::fs::write(&server_key_file, "s3cret-token\n")?;
+    ch.start_server_with(|c| c.agent_api_key_file = Some(server_key_file), None);
     let out = ch.agent(&["queue", "flush"]);
     assert_eq!(out.status.code(), Some(1), "a wrong key is refused");
     assert!(
@@ -343,12 +343,11 @@ fn evidence_prune_waits_for_the_mcp() -> TestResult {
     // refuses --retention-days 0, as the config does); what may go is what the
     // MCP acknowledged, as `evidence prune` and the service decide it.
     let prune = |ch: &Channel| -> Result<Value, Box<dyn std::error::Error>> {
-        let later = Timestamp::now().checked_add(jiff::SignedDuration::from_hours(48))?;
+        let later = Timestamp::now().checked_add(SignedDuration::from_hours(48))?;
         let acknowledged = Queue::open_for(&ch.config())?.acknowledged()?;
         let report = ch.evidence().prune_where(0, 1, later, acknowledged)?;
         Ok(serde_json::to_value(report)?)
     };
-    std::thread::sleep(Duration::from_millis(20));
     let report = prune(&ch)?;
     assert_eq!(
         report["pruned"], 0,
@@ -387,10 +386,41 @@ fn order(
     }
 }
 
-fn queue_order(store: &mcp_server::Store, order: &Order, key: &SigningKey) -> TestResult {
-    let envelope = serde_json::to_string(&order.sign(key))?;
-    store.queue_envelope(SITE, HOST, &order.order_id, &envelope)?;
+/// Lists `envelope` to the box as a pending order with `order_id`, bypassing the
+/// server's own signing and guardrails (so bad envelopes reach the box).
+fn queue_envelope(
+    server: &mcp_server::Services,
+    order_id: &str,
+    runbook: &str,
+    envelope: &str,
+) -> TestResult {
+    server.store.insert_order(
+        &admin(),
+        &OrderRecord {
+            order_id: order_id.into(),
+            site_id: SITE.into(),
+            host_id: HOST.into(),
+            runbook_id: runbook.into(),
+            params: json!({}),
+            ttl: 600,
+            state: OrderState::Pending,
+            envelope: Some(envelope.into()),
+            created_by: "cli:test".into(),
+            created_at: Timestamp::now(),
+            approved_by: None,
+            result_bundle_id: None,
+            result_outcome: None,
+            result_error: None,
+            answered_at: None,
+        },
+    )?;
     Ok(())
+}
+
+/// Lists `order`, signed with `key`, to the box.
+fn queue_order(server: &mcp_server::Services, order: &Order, key: &SigningKey) -> TestResult {
+    let envelope = serde_json::to_string(&order.sign(key))?;
+    queue_envelope(server, &order.order_id, &order.runbook_id, &envelope)
 }
 
 fn nonce() -> String {
@@ -401,8 +431,8 @@ fn nonce() -> String {
 fn order_matrix_only_the_valid_order_runs() -> TestResult {
     let mut ch = Channel::new();
     ch.start_server();
-    let server = ch.server_store();
-    let key = SigningKey::load(&ch.server_state.join(mcp_server::store::ORDER_KEY_FILE))?;
+    let server = ch.server();
+    let key = SigningKey::load(&server.paths.order_key)?;
     let now = Timestamp::now();
     let backup = json!({ "checks": ["backup"], "note": "quarterly review" });
     let mut expect: Vec<(String, &str, &str)> = Vec::new();
@@ -435,10 +465,10 @@ fn order_matrix_only_the_valid_order_runs() -> TestResult {
     let at = payload.len() / 2;
     payload[at] ^= 0x01;
     envelope.payload = base64::engine::general_purpose::STANDARD.encode(&payload);
-    server.queue_envelope(
-        SITE,
-        HOST,
+    queue_envelope(
+        &server,
         &flipped.order_id,
+        COLLECT_EVIDENCE,
         &serde_json::to_string(&envelope)?,
     )?;
     expect.push((
@@ -579,17 +609,26 @@ fn order_matrix_only_the_valid_order_runs() -> TestResult {
     );
 
     // The server recorded each result, from a bundle it verified against the enrolled key.
-    let results = server.results(SITE, HOST)?;
+    let results: Vec<OrderRecord> = ch
+        .server_orders()
+        .into_iter()
+        .filter(|o| o.result_outcome.is_some())
+        .collect();
     assert_eq!(results.len(), expect.len(), "a result for every order");
     for (id, outcome, _) in &expect {
         let r = results
             .iter()
             .find(|r| r.order_id == *id)
             .ok_or_else(|| format!("no result for {id}"))?;
-        assert_eq!(r.outcome, *outcome, "result of {id}");
+        assert_eq!(
+            r.result_outcome.as_deref(),
+            Some(*outcome),
+            "result of {id}"
+        );
+        assert_eq!(r.state, OrderState::Answered, "order {id} answered");
     }
-    let pending = server.pending_orders(SITE, HOST)?;
-    assert_eq!(pending["orders"], json!([]), "no order left pending");
+    let pending = server.store.pending_orders(&admin(), SITE, HOST)?;
+    assert!(pending.is_empty(), "no order left pending: {pending:?}");
 
     // The valid order's bundle carries the runbook's record.
     let (bundle, _) = compliance_agent::evidence::find(
@@ -597,7 +636,7 @@ fn order_matrix_only_the_valid_order_runs() -> TestResult {
         results
             .iter()
             .find(|r| r.order_id == valid.order_id)
-            .map(|r| r.bundle_id.as_str())
+            .and_then(|r| r.result_bundle_id.as_deref())
             .unwrap_or_default(),
     )?;
     assert_eq!(bundle.check.as_str(), "mcp_order", "an mcp_order bundle");
@@ -659,24 +698,20 @@ fn order_matrix_only_the_valid_order_runs() -> TestResult {
 fn an_unreported_result_is_sent_later_and_the_order_never_runs_twice() -> TestResult {
     let mut ch = Channel::new();
     ch.start_server();
-    let server = ch.server_store();
-    let created = server.create_order(mcp_server::OrderRequest {
-        site_id: SITE.into(),
-        host_id: HOST.into(),
-        runbook_id: COLLECT_EVIDENCE.into(),
-        params: json!({}),
-        ttl: 600,
-        nonce: None,
-        issued_at: None,
-    })?;
+    let created = mcp_server::orders::create(
+        &ch.server(),
+        &admin(),
+        &mcp_server::orders::OrderDraft {
+            site_id: SITE.into(),
+            host_id: HOST.into(),
+            runbook_id: COLLECT_EVIDENCE.into(),
+            params: json!({}),
+            ttl: Some(600),
+        },
+    )?;
     // The result upload fails: the server refuses every POST.
-    ch.start_faulty_server(Arc::new(|store, request| {
-        if request.method == "POST" {
-            Response::json(503, &json!({ "error": "maintenance" }))
-        } else {
-            let (status, body) = mcp_server::server::route(store, request, None);
-            Response::json(status, &body)
-        }
+    ch.start_faulty_server(Arc::new(|method, _| {
+        (method == "POST").then(|| Canned::json(503, &json!({ "error": "maintenance" })))
     }));
     let out = ch.agent(&["orders", "poll", "--json"]);
     assert_eq!(
@@ -695,9 +730,14 @@ fn an_unreported_result_is_sent_later_and_the_order_never_runs_twice() -> TestRe
         report["orders"][0]["already_answered"], true,
         "answered before, not run again: {report}"
     );
-    let results = server.results(SITE, HOST)?;
-    assert_eq!(results.len(), 1, "the result arrived once");
-    assert_eq!(results[0].order_id, created.order_id);
+    let orders = ch.server_orders();
+    assert_eq!(orders.len(), 1, "one order: {orders:?}");
+    assert_eq!(orders[0].order_id, created.order_id);
+    assert_eq!(
+        orders[0].result_outcome.as_deref(),
+        Some("success"),
+        "the result arrived: {orders:?}"
+    );
     assert_eq!(ch.disk_bundles().len(), 1, "one bundle for the order");
     Ok(())
 }
@@ -764,8 +804,8 @@ fn a_lost_database_never_lets_an_order_run_twice() -> TestResult {
     // nor another order with its nonce runs again.
     let mut ch = Channel::new();
     ch.start_server();
-    let server = ch.server_store();
-    let key = SigningKey::load(&ch.server_state.join(mcp_server::store::ORDER_KEY_FILE))?;
+    let server = ch.server();
+    let key = SigningKey::load(&server.paths.order_key)?;
     let used_nonce = nonce();
     let first = order(
         SITE,
@@ -783,8 +823,8 @@ fn a_lost_database_never_lets_an_order_run_twice() -> TestResult {
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", ch.db_path().display()));
     }
-    // The same order listed again, and another order reusing its nonce.
-    queue_order(&server, &first, &key)?;
+    // The same order listed again (a server that lost track of its answer), and
+    // another order reusing its nonce.
     let replay = order(
         SITE,
         HOST,
@@ -795,6 +835,13 @@ fn a_lost_database_never_lets_an_order_run_twice() -> TestResult {
         600,
     );
     queue_order(&server, &replay, &key)?;
+    let listing = json!({ "orders": [
+        { "order_id": first.order_id, "envelope": first.sign(&key) },
+        { "order_id": replay.order_id, "envelope": replay.sign(&key) },
+    ] });
+    ch.start_faulty_server(Arc::new(move |method, path| {
+        (method == "GET" && path.ends_with("/orders")).then(|| Canned::json(200, &listing))
+    }));
     let out = ch.agent(&["orders", "poll", "--json"]);
     let report: Value = serde_json::from_slice(&out.stdout)?;
     let by_id = |id: &str| {
@@ -840,13 +887,8 @@ fn junk_order_listings_cannot_grow_the_store_without_bound() -> TestResult {
         .map(|i| json!({ "order_id": format!("../junk {i}"), "envelope": { "payload": "x" } }))
         .collect();
     let body = json!({ "orders": junk });
-    ch.start_faulty_server(Arc::new(move |store, request| {
-        if request.method == "GET" && request.path.ends_with("/orders") {
-            Response::json(200, &body)
-        } else {
-            let (status, body) = mcp_server::server::route(store, request, None);
-            Response::json(status, &body)
-        }
+    ch.start_faulty_server(Arc::new(move |method, path| {
+        (method == "GET" && path.ends_with("/orders")).then(|| Canned::json(200, &body))
     }));
     let evidence_dir = ch.dir.path().join("evidence");
     let count = || {

@@ -10,7 +10,7 @@ mod harness;
 
 use std::time::{Duration, Instant};
 
-use agent_box::{AgentBox, CONFIG, STATE, Setup};
+use agent_box::{AgentBox, CONFIG, STATE, Setup, USER};
 use common::{TestResult, text};
 use serde_json::Value;
 
@@ -187,37 +187,87 @@ fn the_watchdog_restarts_a_hung_loop_and_a_bad_reload_is_refused() -> TestResult
     Ok(())
 }
 
+/// The central server's binary, built beside the agent by `cargo build -p mcp-server`
+/// (tests/run builds the whole workspace), seen in the container under /opt/agent-bin.
+fn mcp_server_bin() -> &'static str {
+    let built =
+        std::path::Path::new(env!("CARGO_BIN_EXE_compliance-agent")).with_file_name("mcp-server");
+    assert!(
+        built.exists(),
+        "{} is missing: build the central server first with `cargo build -p mcp-server` (tests/run builds the workspace)",
+        built.display()
+    );
+    "/opt/agent-bin/mcp-server"
+}
+
 #[test]
 fn evidence_reaches_the_mcp_across_an_outage_and_orders_run() -> TestResult {
-    let mcp = "mcp_url = \"https://127.0.0.1:8443\"\nca_cert_file = \"/etc/mcp-pki/ca.pem\"\nclient_cert_file = \"/etc/mcp-pki/client.pem\"\nclient_key_file = \"/etc/mcp-pki/client.key\"\nmcp_order_pubkey_file = \"/var/lib/mcp/order-signing.pub.pem\"\nmcp_poll_interval_sec = 5\nupload_backoff_base_sec = 1\nupload_backoff_cap_sec = 4\nrestart_cooldown_sec = 0\n";
+    // Invariant: a box enrolled by token with the central server delivers every
+    // bundle exactly once across an outage of the server, and an order created
+    // with `mcp-server order create` runs and its result reaches the server.
+    let server = mcp_server_bin();
+    let mcp = format!(
+        "mcp_url = \"https://127.0.0.1:8443\"\nca_cert_file = \"{STATE}/mcp/ca.pem\"\nclient_cert_file = \"{STATE}/mcp/client.pem\"\nclient_key_file = \"{STATE}/mcp/client.key\"\nmcp_order_pubkey_file = \"{STATE}/mcp/order-signing.pub.pem\"\nmcp_poll_interval_sec = 5\nupload_backoff_base_sec = 1\nupload_backoff_cap_sec = 4\nrestart_cooldown_sec = 0\n"
+    );
     let b = AgentBox::boot(
         "mcp",
         &Setup {
-            extra_config: mcp,
+            extra_config: &mcp,
             ..Setup::default()
         },
     );
-    let server = "/opt/agent-bin/mcp-server";
-    b.sh(&format!(
-        "{server} pki --out /etc/mcp-pki --client-name clinic-h/appliance >/dev/null && chmod 0644 /etc/mcp-pki/client.key && \
-         {server} init --state /var/lib/mcp >/dev/null && \
-         {server} enroll --state /var/lib/mcp --site clinic-h --host appliance --pubkey {STATE}/keys/signing.pub.pem >/dev/null"
-    ));
-    let serve = format!(
-        "systemd-run --unit mcp-server --collect {server} serve --state /var/lib/mcp --listen 127.0.0.1:8443 --cert /etc/mcp-pki/server.pem --key /etc/mcp-pki/server.key --client-ca /etc/mcp-pki/ca.pem >/dev/null"
-    );
+    // The server with its embedded defaults (agent listener 127.0.0.1:8443, operator
+    // listener 127.0.0.1:9443), state in /var/lib/mcp.
+    b.write("/etc/mcp-server.toml", "state_dir = \"/var/lib/mcp\"\n");
+    let cli = format!("{server} --config /etc/mcp-server.toml");
+    let serve = format!("systemd-run --unit mcp-server --collect {cli} serve >/dev/null");
     b.sh(&serve);
+    b.app.wait_for(
+        "the server's first start (CA, order key, admin token)",
+        Duration::from_secs(30),
+        |a| {
+            a.exec(&["test", "-s", "/var/lib/mcp/admin.token"])
+                .status
+                .success()
+        },
+    )?;
+    // Enrollment by a one-time token, with a config that names only the identity
+    // and key (the mTLS files it writes do not exist before).
+    let token = b.sh(&format!("{cli} token create --site clinic-h 2>/dev/null"));
+    b.write(
+        "/etc/compliance-agent/enroll.toml",
+        &format!("site_id = \"clinic-h\"\nhost_id = \"appliance\"\nsigning_key_file = \"{STATE}/keys/signing.key\"\nstate_dir = \"{STATE}\"\nevidence_dir = \"{STATE}/evidence\"\n"),
+    );
+    b.sh(&format!(
+        "{} --config /etc/compliance-agent/enroll.toml enroll --server https://127.0.0.1:8443 --token {} >/dev/null && chown -R {USER}:{USER} {STATE}/mcp",
+        harness::Appliance::AGENT_BIN,
+        token.trim()
+    ));
+    let reused = b.app.exec(&[
+        harness::Appliance::AGENT_BIN,
+        "--config",
+        "/etc/compliance-agent/enroll.toml",
+        "enroll",
+        "--server",
+        "https://127.0.0.1:8443",
+        "--token",
+        token.trim(),
+    ]);
+    assert!(
+        !reused.status.success() && String::from_utf8_lossy(&reused.stderr).contains("used up"),
+        "the token was single-use: {}",
+        String::from_utf8_lossy(&reused.stderr)
+    );
     b.start_service("--scan-interval 30");
-    let on_server = |a: &harness::Appliance| -> Value {
+    let on_server = |a: &harness::Appliance, what: &str| -> Value {
         let out = a.exec(&[
             server,
+            "--config",
+            "/etc/mcp-server.toml",
+            what,
             "list",
-            "--state",
-            "/var/lib/mcp",
-            "--site",
-            "clinic-h",
             "--host",
-            "appliance",
+            "clinic-h/appliance",
             "--json",
         ]);
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
@@ -235,7 +285,7 @@ fn evidence_reaches_the_mcp_across_an_outage_and_orders_run() -> TestResult {
         ids
     };
     let server_ids = |a: &harness::Appliance| -> Vec<String> {
-        let mut ids: Vec<String> = on_server(a)["bundles"]
+        let mut ids: Vec<String> = on_server(a, "evidence")["bundles"]
             .as_array()
             .into_iter()
             .flatten()
@@ -302,12 +352,28 @@ fn evidence_reaches_the_mcp_across_an_outage_and_orders_run() -> TestResult {
     assert_eq!(ids, unique, "each bundle once on the MCP");
 
     // An order from the MCP runs and its result arrives.
-    let order = b.sh(&format!("{server} order --state /var/lib/mcp --site clinic-h --host appliance --runbook collect_evidence"));
-    let order_id = order.trim().to_owned();
+    let order = b.sh(&format!(
+        "{cli} order create --host clinic-h/appliance --runbook collect_evidence"
+    ));
+    let order_id = order
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        !order_id.is_empty(),
+        "order create prints the order id: {order}"
+    );
     b.app.wait_for(
         "the order's result on the MCP",
         Duration::from_secs(60),
-        |a| on_server(a)["results"].to_string().contains(&order_id),
+        |a| {
+            on_server(a, "order")["orders"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|o| o["order_id"] == order_id.as_str() && o["result_outcome"] == "success")
+        },
     )?;
     b.sh(&format!("systemctl stop {UNIT}"));
     assert_eq!(b.app.unit_property(UNIT, "Result"), "success");

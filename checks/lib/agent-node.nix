@@ -23,8 +23,8 @@ in
 
   services.compliance-agent = {
     enable = true;
-    siteId = "test-site";
-    hostId = "machine";
+    siteId = lib.mkDefault "test-site";
+    hostId = lib.mkDefault "machine";
     deploymentMode = "direct";
     policyVersion = "vm-test";
     logLevel = "DEBUG";
@@ -35,10 +35,12 @@ in
       addresses = [ mcpAddress ];
       port = 8443;
       pollIntervalSec = 10;
-      caCertFile = "${fixtures.pki}/ca.pem";
-      clientCertFile = "${fixtures.pki}/client.pem";
-      clientKeyFile = "${keys}/client.key";
-      orderPublicKeyFile = "${fixtures.pki}/order-signing.pub.pem";
+      # The fixture PKI; a test that enrolls by token points these at what
+      # `compliance-agent enroll` writes.
+      caCertFile = lib.mkDefault "${fixtures.pki}/ca.pem";
+      clientCertFile = lib.mkDefault "${fixtures.pki}/client.pem";
+      clientKeyFile = lib.mkDefault "${keys}/client.key";
+      orderPublicKeyFile = lib.mkDefault "${fixtures.pki}/order-signing.pub.pem";
     };
     # A stand-in for a clinic application the agent keeps running.
     serviceHealthChecks = [ "clinic-app.service" ];

@@ -1,7 +1,9 @@
 # Test-only fixtures for the VM tests: a throwaway PKI for the MCP's mTLS (a CA,
-# the MCP's server certificate, the agent's client certificate, and a client
-# certificate from a rogue CA for the negative tests) and the MCP's Ed25519
-# order-signing key. Made at build time; never used outside checks/.
+# the MCP's server certificate, the agent's client certificate naming
+# test-site/machine as the central server reads it, and a client certificate
+# from a rogue CA for the negative tests) and the MCP's Ed25519 order-signing
+# key. Made at build time; never used outside checks/. (The central-server test
+# uses none of it: there the server's own CA enrolls the boxes by token.)
 { pkgs, self }:
 {
   pki =
@@ -19,9 +21,9 @@
         openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 -extfile server.ext -out server.pem
 
         printf 'extendedKeyUsage=clientAuth\n' > client.ext
-        ec -keyout client.key -out client.csr -subj "/O=test-site/CN=machine"
+        ec -keyout client.key -out client.csr -subj "/CN=test-site\/machine"
         openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 -extfile client.ext -out client.pem
-        ec -keyout rogue.key -out rogue.csr -subj "/O=test-site/CN=machine"
+        ec -keyout rogue.key -out rogue.csr -subj "/CN=test-site\/machine"
         openssl x509 -req -in rogue.csr -CA rogue-ca.pem -CAkey rogue-ca.key -CAcreateserial -days 3650 -extfile client.ext -out rogue.pem
 
         openssl genpkey -algorithm ed25519 -out order-signing.key
@@ -29,5 +31,5 @@
         chmod 0644 *
       '';
 
-  mcpServer = self.packages.${pkgs.stdenv.hostPlatform.system}.mcp-server or null;
+  mcpServer = self.packages.${pkgs.stdenv.hostPlatform.system}.mcp-server;
 }

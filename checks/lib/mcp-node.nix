@@ -1,51 +1,44 @@
-# The `mcp` node: the workspace's reference MCP server over mTLS on 8443,
-# trusting only the test CA, signing orders with the test order key.
-# The server's own CLI (tests/mcp-server): init, enroll, serve, order, list.
-# Its state starts with the fixture order key, which the agent nodes pin.
+# The `mcp` node: the central server (nixosModules.mcp-server, SQLite and the
+# local archive) over mTLS on 8443 with the fixture PKI: its server certificate,
+# client certificates of the fixture CA, orders signed with the fixture order key
+# (which the agent nodes pin). Boxes are provisioned by hand with
+# `mcp-server-admin hosts add SITE/HOST --pubkey PEM`; orders are
+# `mcp-server-admin order create`. The central guardrails a test would trip over
+# when it orders the same runbook twice in a row are defaults it may change.
 {
   lib,
   pkgs,
   fixtures,
   ...
 }:
-let
-  dataDir = "/var/lib/mcp-server";
-in
 {
-  assertions = [
-    {
-      assertion = fixtures.mcpServer != null;
-      message = "the VM tests need the reference MCP server: add tests/mcp-server to the Cargo workspace (package and binary mcp-server).";
-    }
-  ];
-  networking.firewall.allowedTCPPorts = [ 8443 ];
-  systemd.services.mcp-server = {
-    description = "Reference MCP server (tests)";
-    wantedBy = [ "multi-user.target" ];
-    after = [ "network.target" ];
-    preStart = ''
-      if [ ! -e ${dataDir}/order-signing.key ]; then
-        install -m 0600 ${fixtures.pki}/order-signing.key ${dataDir}/order-signing.key
-        install -m 0644 ${fixtures.pki}/order-signing.pub.pem ${dataDir}/order-signing.pub.pem
-      fi
-      ${fixtures.mcpServer}/bin/mcp-server init --state ${dataDir}
-    '';
-    serviceConfig = {
-      ExecStart = lib.concatStringsSep " " [
-        "${fixtures.mcpServer}/bin/mcp-server serve"
-        "--state ${dataDir}"
-        "--listen 0.0.0.0:8443"
-        "--cert ${fixtures.pki}/server.pem"
-        "--key ${fixtures.pki}/server.key"
-        "--client-ca ${fixtures.pki}/ca.pem"
-      ];
-      StateDirectory = "mcp-server";
+  imports = [ ../../modules/mcp-server.nix ];
+
+  services.mcp-server = {
+    enable = true;
+    package = fixtures.mcpServer;
+    openFirewall = true;
+    allowedAddresses = [ "192.168.1.0/24" ];
+    tls.certFile = "${fixtures.pki}/server.pem";
+    tls.keyFile = "${fixtures.pki}/server.key";
+    clientCaFile = "${fixtures.pki}/ca.pem";
+    orderKeyFile = "${fixtures.pki}/order-signing.key";
+    settings = {
+      server_names = lib.mkDefault [ "mcp" ];
+      orders = {
+        # Tests order restart_unit back to back and have no second operator.
+        cooldown_sec = lib.mkDefault 0;
+        disruptive_runbooks = lib.mkDefault [ ];
+        default_site_allowlist = lib.mkDefault [
+          "collect_evidence"
+          "restart_unit"
+        ];
+      };
     };
   };
+
   environment.systemPackages = [
-    fixtures.mcpServer
     pkgs.curl
     pkgs.jq
   ];
-  environment.variables.MCP_DATA_DIR = dataDir;
 }

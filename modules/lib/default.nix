@@ -2,6 +2,7 @@
 # of plain data; tests/nix/check.sh evaluates the same files without nixpkgs.
 {
   serviceHardening = import ./service-hardening.nix;
+  mcpServerHardening = import ./mcp-server-hardening.nix;
   egressRuleset = import ./egress-ruleset.nix;
   polkitRule = import ./polkit-rule.nix;
   auditRules = import ./audit-rules.nix;

@@ -40,6 +40,13 @@ in
   unit = import ./render-unit.nix { serviceConfig = hardening; };
   # Negative control: a unit with only a user set must fail the exposure limit.
   unitUnhardened = import ./render-unit.nix { serviceConfig = { User = "compliance-agent"; }; };
+  # The central server's unit, as modules/mcp-server.nix builds it for a box network.
+  mcpServerUnit = import ./render-unit.nix {
+    serviceConfig = lib.mcpServerHardening { allowedAddresses = [ "10.231.0.0/16" ]; };
+    description = "MSP central server (offline rendering)";
+    execArgs = "--config /etc/mcp-server/config.toml serve";
+    type = "simple";
+  };
 
   ruleset = lib.egressRuleset {
     inherit egress;

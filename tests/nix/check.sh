@@ -257,6 +257,30 @@ if nix_text "$CASES.unitUnhardened" >"$WORK/units/unhardened.service"; then
   fi
 fi
 
+# ---------------------------------------------------------------- central server unit
+section "central server unit hardening (systemd-analyze security --offline=true)"
+if nix_text "$CASES.mcpServerUnit" >"$WORK/units/mcp-server.service"; then
+  figure=$(exposure_of "$WORK/units/mcp-server.service")
+  echo "  exposure of mcp-server.service: ${figure:-?} (limit $MAX_EXPOSURE)"
+  if [ -n "$figure" ] && awk -v f="$figure" -v m="$MAX_EXPOSURE" 'BEGIN { exit !(f <= m) }'; then
+    pass "mcp-server exposure $figure <= $MAX_EXPOSURE"
+  else
+    fail "mcp-server exposure ${figure:-unknown} exceeds $MAX_EXPOSURE"; grep '✗' "$WORK/units/mcp-server.service.report" || true
+  fi
+  for item in 'CapabilityBoundingSet=~CAP_NET_ADMIN' 'CapabilityBoundingSet=~CAP_SYS_ADMIN' 'PrivateUsers=' \
+              'RestrictAddressFamilies=~AF_NETLINK' 'RestrictAddressFamilies=~AF_PACKET' 'ProtectKernelTunables=' 'RestrictSUIDSGID='; do
+    if grep -q "✓ $item" "$WORK/units/mcp-server.service.report"; then pass "mcp-server analyze: $item"; else fail "mcp-server analyze: $item not satisfied"; fi
+  done
+  echo "  remaining exposure items:"; grep '✗' "$WORK/units/mcp-server.service.report" | sed 's/  */ /g; s/^/    /' || true
+else
+  fail "cannot render the central server unit"
+fi
+if grep -q 'lib/mcp-server-hardening.nix' modules/mcp-server.nix 2>/dev/null; then
+  pass "modules/mcp-server.nix imports lib/mcp-server-hardening.nix"
+else
+  fail "modules/mcp-server.nix does not import lib/mcp-server-hardening.nix"
+fi
+
 # ---------------------------------------------------------------- nftables
 section "egress ruleset (nft -c -f, then enforced in network namespaces)"
 RULES="$WORK/compliance.nft"

@@ -5,6 +5,8 @@
   serviceConfig,
   description ? "Compliance agent (offline rendering)",
   execStart ? "/usr/bin/true",
+  execArgs ? "run --config /etc/compliance-agent/config.toml",
+  type ? "notify",
 }:
 let
   render =
@@ -31,10 +33,10 @@ in
   Description=${description}
 
   [Service]
-  Type=notify
+  Type=${type}
   NotifyAccess=main
   WatchdogSec=60s
-  ExecStart=${execStart} run --config /etc/compliance-agent/config.toml
+  ExecStart=${execStart} ${execArgs}
 ''
 + builtins.concatStringsSep "" (map entry (builtins.attrNames serviceConfig))
 + ''

@@ -1,5 +1,6 @@
 //! Evidence bundles: the signed, hash-chained record of every check, fix and order.
 
+pub mod chain;
 mod fsafe;
 mod layout;
 mod query;

@@ -140,26 +140,29 @@ pub fn free_port() -> u16 {
         .expect("bind an ephemeral loopback port")
 }
 
-/// A box with an evidence key, its mTLS files, and a reference MCP server
-/// (state, order key, this box enrolled) that runs in this process on loopback.
+/// A box with an evidence key, enrolled by token (`compliance-agent enroll`) with the
+/// central server (`mcp-server`), which runs in this process on loopback.
 pub struct Channel {
     pub dir: tempfile::TempDir,
-    pub pki: mcp_server::pki::PkiFiles,
+    /// The server's state directory (database, archive, CA, order key).
     pub server_state: PathBuf,
     pub port: u16,
     pub config: PathBuf,
+    /// Where enrollment wrote the box's CA, client certificate and key, and order key.
+    pub files: compliance_agent::enroll::EnrollFiles,
     server: Option<mcp_server::Running>,
 }
 
+/// The local admin the tests act as on the server (`cli:test` in its audit log).
+pub fn admin() -> mcp_server::auth::Caller {
+    mcp_server::auth::Caller::local("test")
+}
+
 impl Channel {
+    /// Makes the box's key, starts the server, enrolls the box with a one-time token
+    /// through the agent's own `enroll` command, and stops the server again.
     pub fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let pki = mcp_server::pki::make(
-            &dir.path().join("pki"),
-            &["localhost", "127.0.0.1"],
-            "clinic-1/frontdesk-01",
-        )
-        .expect("make test PKI");
         let keygen = agent(
             None,
             &[
@@ -169,27 +172,62 @@ impl Channel {
             ],
         );
         assert!(keygen.status.success(), "keygen: {}", text(&keygen.stderr));
-        let server_state = dir.path().join("mcp");
-        let store = mcp_server::Store::open(&server_state).expect("server state");
-        let pubkey = std::fs::read_to_string(dir.path().join("keys/signing.pub.pem"))
-            .expect("read public key");
-        store.enroll(SITE, HOST, &pubkey).expect("enroll the box");
         let mut channel = Self {
             config: dir.path().join("agent.toml"),
+            server_state: dir.path().join("mcp"),
             dir,
-            pki,
-            server_state,
             port: free_port(),
+            files: compliance_agent::enroll::EnrollFiles {
+                ca_cert: PathBuf::new(),
+                client_cert: PathBuf::new(),
+                client_key: PathBuf::new(),
+                order_pubkey: PathBuf::new(),
+            },
             server: None,
         };
+        channel.start_server();
+        let token = mcp_server::enroll::create_token(
+            &channel.server(),
+            &admin(),
+            &mcp_server::enroll::TokenRequest {
+                site_id: SITE.into(),
+                reseller_id: Some("acme-msp".into()),
+                uses: 1,
+                expires_in: jiff::SignedDuration::from_hours(1),
+            },
+        )
+        .expect("create an enrollment token")
+        .token;
+        // Enrollment reads only the identity and key from the config and writes the
+        // mTLS files to their defaults under state_dir; the channel keys come after.
+        channel.write_keys(&channel.identity_keys(), "");
+        channel.files = compliance_agent::enroll::EnrollFiles::from_config(&channel.config());
+        let out = channel.agent(&[
+            "enroll",
+            "--server",
+            &format!("https://127.0.0.1:{}", channel.port),
+            "--token",
+            &token,
+        ]);
+        assert!(
+            out.status.success(),
+            "compliance-agent enroll: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        channel.stop_server();
+        assert!(
+            channel.files.client_cert.exists(),
+            "enroll wrote the client certificate to {}",
+            channel.files.client_cert.display()
+        );
         channel.write_config("");
         channel
     }
 
-    /// Writes the agent's config; `extra` lines replace or add keys.
-    pub fn write_config(&mut self, extra: &str) {
+    fn identity_keys(&self) -> Vec<(String, String)> {
         let d = self.dir.path();
-        let mut keys: Vec<(String, String)> = vec![
+        vec![
             ("site_id".into(), format!("{SITE:?}")),
             ("host_id".into(), format!("{HOST:?}")),
             (
@@ -198,29 +236,11 @@ impl Channel {
             ),
             ("evidence_dir".into(), format!("{:?}", d.join("evidence"))),
             ("state_dir".into(), format!("{:?}", d.join("state"))),
-            (
-                "mcp_url".into(),
-                format!("\"https://127.0.0.1:{}\"", self.port),
-            ),
-            ("ca_cert_file".into(), format!("{:?}", self.pki.ca)),
-            (
-                "client_cert_file".into(),
-                format!("{:?}", self.pki.client_cert),
-            ),
-            (
-                "client_key_file".into(),
-                format!("{:?}", self.pki.client_key),
-            ),
-            (
-                "mcp_order_pubkey_file".into(),
-                format!(
-                    "{:?}",
-                    self.server_state.join(mcp_server::store::ORDER_PUBKEY_FILE)
-                ),
-            ),
-            ("upload_backoff_base_sec".into(), "1".into()),
-            ("upload_backoff_cap_sec".into(), "5".into()),
-        ];
+        ]
+    }
+
+    fn write_keys(&self, base: &[(String, String)], extra: &str) {
+        let mut keys = base.to_vec();
         for line in extra.lines().filter(|l| !l.trim().is_empty()) {
             let (k, v) = line.split_once('=').expect("key = value");
             let k = k.trim().to_owned();
@@ -231,51 +251,77 @@ impl Channel {
         std::fs::write(&self.config, body).expect("write agent config");
     }
 
+    /// Writes the agent's config; `extra` lines replace or add keys.
+    pub fn write_config(&mut self, extra: &str) {
+        let mut keys = self.identity_keys();
+        keys.extend([
+            ("ca_cert_file".into(), format!("{:?}", self.files.ca_cert)),
+            (
+                "client_cert_file".into(),
+                format!("{:?}", self.files.client_cert),
+            ),
+            (
+                "client_key_file".into(),
+                format!("{:?}", self.files.client_key),
+            ),
+            (
+                "mcp_order_pubkey_file".into(),
+                format!("{:?}", self.files.order_pubkey),
+            ),
+        ]);
+        keys.push((
+            "mcp_url".into(),
+            format!("\"https://127.0.0.1:{}\"", self.port),
+        ));
+        keys.push(("upload_backoff_base_sec".into(), "1".into()));
+        keys.push(("upload_backoff_cap_sec".into(), "5".into()));
+        self.write_keys(&keys, extra);
+    }
+
     pub fn config(&self) -> compliance_agent::config::Config {
         compliance_agent::config::Config::load(Some(&self.config)).expect("load agent config")
     }
 
-    /// Starts the server with the default certificates.
-    pub fn start_server(&mut self) {
-        let (cert, key, ca) = (
-            self.pki.server_cert.clone(),
-            self.pki.server_key.clone(),
-            self.pki.ca.clone(),
-        );
-        self.start_server_with(&cert, &key, &ca, None);
+    /// The server's configuration: state in `server_state`, the agent listener on
+    /// `port`, the operator listener on a free port, everything else the embedded default.
+    pub fn server_config(&self) -> mcp_server::config::Config {
+        mcp_server::config::Config {
+            state_dir: self.server_state.clone(),
+            agent_listen: ([127, 0, 0, 1], self.port).into(),
+            operator_listen: ([127, 0, 0, 1], 0).into(),
+            ..mcp_server::config::Config::default()
+        }
     }
 
+    /// Starts the server with its default configuration.
+    pub fn start_server(&mut self) {
+        self.start_server_with(|_| {}, None);
+    }
+
+    /// Starts the server with its configuration changed by `edit`, and with
+    /// `intercept` (when given) answering instead of the real routes it matches.
     pub fn start_server_with(
         &mut self,
-        cert: &Path,
-        key: &Path,
-        client_ca: &Path,
-        api_key: Option<&str>,
+        edit: impl FnOnce(&mut mcp_server::config::Config),
+        intercept: Option<mcp_server::api::agent::Intercept>,
     ) {
         self.stop_server();
-        let config = mcp_server::ServerConfig {
-            state_dir: self.server_state.clone(),
-            listen: ([127, 0, 0, 1], self.port).into(),
-            cert: cert.to_owned(),
-            key: key.to_owned(),
-            client_ca: client_ca.to_owned(),
-            api_key: api_key.map(str::to_owned),
+        let mut config = self.server_config();
+        edit(&mut config);
+        config.validate().expect("valid server config");
+        let (svc, _) = mcp_server::Services::open(config).expect("open the server's state");
+        let options = mcp_server::StartOptions {
+            intercept,
+            ..Default::default()
         };
-        self.server = Some(mcp_server::start(config).expect("start the reference MCP server"));
+        self.server =
+            Some(mcp_server::Running::start(svc, options).expect("start the central server"));
     }
 
-    /// Starts a server whose every answer comes from `handler` (protocol faults).
-    pub fn start_faulty_server(&mut self, handler: mcp_server::Handler) {
-        self.stop_server();
-        let config = mcp_server::ServerConfig {
-            state_dir: self.server_state.clone(),
-            listen: ([127, 0, 0, 1], self.port).into(),
-            cert: self.pki.server_cert.clone(),
-            key: self.pki.server_key.clone(),
-            client_ca: self.pki.ca.clone(),
-            api_key: None,
-        };
-        self.server = Some(mcp_server::start_with(config, handler).expect("start a faulty server"));
+    /// Starts a server whose routes matched by `intercept` answer with its canned
+    /// answer (protocol faults); the others are the real ones.
+    pub fn start_faulty_server(&mut self, intercept: mcp_server::api::agent::Intercept) {
+        self.start_server_with(|_| {}, Some(intercept));
     }
 
     pub fn stop_server(&mut self) {
@@ -284,24 +330,40 @@ impl Channel {
         }
     }
 
-    /// Counters of the running server.
-    pub fn server_stats(&self) -> mcp_server::ServerStats {
+    /// Intake counters of the running server (since it started).
+    pub fn server_stats(&self) -> mcp_server::services::StatsSnapshot {
         self.server
             .as_ref()
-            .map(|s| s.store().stats())
+            .map(|s| s.services.stats.snapshot())
             .unwrap_or_default()
     }
 
-    /// The server's state, opened beside the running server (reads the disk).
-    pub fn server_store(&self) -> mcp_server::Store {
-        mcp_server::Store::open(&self.server_state).expect("open server state")
+    /// The running server's services, or the state opened beside it when it is stopped.
+    pub fn server(&self) -> mcp_server::Services {
+        match &self.server {
+            Some(s) => s.services.clone(),
+            None => {
+                mcp_server::Services::open(self.server_config())
+                    .expect("open the server's state")
+                    .0
+            }
+        }
     }
 
-    /// Bundle ids the server stored for this box.
+    /// Bundle ids the server recorded for this box (in seq order).
     pub fn server_bundles(&self) -> Vec<String> {
-        self.server_store()
-            .bundles(SITE, HOST)
+        self.server()
+            .store
+            .bundle_ids(&admin(), SITE, HOST)
             .expect("server bundles")
+    }
+
+    /// The orders of this box as the server holds them (with their results).
+    pub fn server_orders(&self) -> Vec<mcp_server::store::OrderRecord> {
+        self.server()
+            .store
+            .orders(&admin(), Some((SITE, HOST)))
+            .expect("server orders")
     }
 
     /// Bundle ids in the box's evidence directory.

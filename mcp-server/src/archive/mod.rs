@@ -1,0 +1,65 @@
+//! The evidence archive behind one trait: every accepted bundle.json and bundle.sig,
+//! written once under a key naming reseller/site/host/seq, never replaced.
+
+pub mod local;
+
+use jiff::Timestamp;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error(
+        "archive object {key} already exists with other contents; archived evidence is never replaced"
+    )]
+    Conflict { key: String },
+    #[error("the archive is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the archive is not usable: {0}")]
+    Unusable(String),
+}
+
+pub type Result<T> = std::result::Result<T, ArchiveError>;
+
+/// Where a bundle lives in the archive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArchiveKey {
+    /// None: a direct-mode site of the MSP (archived under `_direct`).
+    pub reseller_id: Option<String>,
+    pub site_id: String,
+    pub host_id: String,
+    pub seq: u64,
+    pub bundle_id: String,
+}
+
+impl ArchiveKey {
+    /// `RESELLER/SITE/HOST/SEQ(20 digits)-BUNDLE_ID`, so a listing sorts by seq.
+    pub fn prefix(&self) -> String {
+        format!(
+            "{}/{}/{}/{:020}-{}",
+            self.reseller_id.as_deref().unwrap_or("_direct"),
+            self.site_id,
+            self.host_id,
+            self.seq,
+            self.bundle_id
+        )
+    }
+}
+
+/// What the archive holds for a key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Archived {
+    pub json: Vec<u8>,
+    pub sig: Vec<u8>,
+    pub retain_until: Timestamp,
+}
+
+/// An archive backend. `put` is durable when it returns, idempotent for the same
+/// bytes and refuses other bytes under an existing key. Calls block.
+pub trait Archive: Send + Sync {
+    /// `local` or `s3`.
+    fn kind(&self) -> &'static str;
+    /// Start-up check: the archive exists, is writable and enforces what it must.
+    fn check(&self) -> Result<()>;
+    fn put(&self, key: &ArchiveKey, json: &[u8], sig: &[u8], retain_until: Timestamp)
+    -> Result<()>;
+    fn get(&self, key: &ArchiveKey) -> Result<Option<Archived>>;
+}

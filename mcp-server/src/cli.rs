@@ -1,0 +1,660 @@
+//! The command line: `serve` and the operator commands, which act on the server's own
+//! database as the local admin (`cli:<user>` in the audit log). Each has `--json`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use jiff::{SignedDuration, Timestamp};
+use serde_json::json;
+
+use crate::auth::{Caller, Role, new_token, tenants_for, token_hash};
+use crate::config::Config;
+use crate::services::Services;
+use crate::store::{Host, Operator};
+use crate::{Error, Result};
+
+/// The MSP's central server for the compliance appliance.
+#[derive(Debug, Parser)]
+#[command(name = "mcp-server", version)]
+pub struct Cli {
+    /// TOML configuration; without it (and without MCP_SERVER_CONFIG) the embedded default.
+    #[arg(long, global = true, env = "MCP_SERVER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the agent listener (mTLS, protocol v1) and the operator listener until SIGTERM.
+    Serve,
+    /// Enrollment tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Enrolled hosts.
+    #[command(subcommand)]
+    Hosts(HostsCommand),
+    /// Sites and their runbook allowlists.
+    #[command(subcommand)]
+    Sites(SitesCommand),
+    /// Fleet summary: hosts, overdue hosts, chains with gaps.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Orders to hosts.
+    #[command(subcommand)]
+    Order(OrderCommand),
+    /// The evidence the server accepted.
+    #[command(subcommand)]
+    Evidence(EvidenceCommand),
+    /// Operator accounts and their API tokens.
+    #[command(subcommand)]
+    Users(UsersCommand),
+    /// The audit log, newest first.
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// A token a box enrolls with: `compliance-agent enroll --server URL --token T`.
+    Create {
+        #[arg(long)]
+        site: String,
+        /// The site's reseller; none for a direct-mode site of the MSP.
+        #[arg(long)]
+        reseller: Option<String>,
+        /// How many boxes may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Lifetime: 30m, 24h, 7d.
+        #[arg(long, default_value = "24h")]
+        expires: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostsCommand {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One host: chain, gaps, latest result per check, last seen.
+    Show {
+        /// SITE/HOST
+        host: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Refuse the host's certificate from its next request on.
+    Revoke {
+        /// SITE/HOST
+        host: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Provision a host by hand with its evidence public key (no enrollment token;
+    /// any certificate of the CA naming SITE/HOST then acts for it).
+    Add {
+        /// SITE/HOST
+        host: String,
+        #[arg(long, value_name = "PEM")]
+        pubkey: PathBuf,
+        #[arg(long)]
+        reseller: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SitesCommand {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put runbooks on a site's allowlist.
+    Allow {
+        #[arg(long)]
+        site: String,
+        #[arg(long = "runbook", required = true)]
+        runbooks: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OrderCommand {
+    /// Sign an order (or queue it for a second operator's approval if disruptive).
+    Create {
+        /// SITE/HOST
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        runbook: String,
+        /// The runbook's parameters as a JSON object.
+        #[arg(long, default_value = "{}")]
+        params: String,
+        #[arg(long)]
+        ttl: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    List {
+        /// Only this SITE/HOST.
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a disruptive order created by another operator.
+    Approve {
+        order_id: String,
+        /// Approve as this operator (its token file), not as the local admin.
+        #[arg(long, value_name = "FILE")]
+        as_token: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EvidenceCommand {
+    /// Bundle ids a host delivered, in seq order.
+    List {
+        /// SITE/HOST
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    /// A new operator; prints its API token once.
+    Add {
+        #[arg(long)]
+        name: String,
+        /// admin, reseller_operator, site_operator or auditor.
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        reseller: Option<String>,
+        #[arg(long = "site")]
+        sites: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `30m`, `24h`, `7d`, `90s`.
+pub fn parse_duration(text: &str) -> Result<SignedDuration> {
+    let text = text.trim();
+    let (num, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: i64 = num
+        .parse()
+        .map_err(|_| Error::Invalid(format!("{text:?} is not a duration like 30m, 24h or 7d")))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" | "" => n * 3600,
+        "d" => n * 86_400,
+        _ => {
+            return Err(Error::Invalid(format!(
+                "{text:?}: the unit must be s, m, h or d"
+            )));
+        }
+    };
+    Ok(SignedDuration::from_secs(secs))
+}
+
+fn split_host(s: &str) -> Result<(String, String)> {
+    match s.split_once('/') {
+        Some((a, b)) if crate::valid_id(a) && crate::valid_id(b) => Ok((a.into(), b.into())),
+        _ => Err(Error::Invalid(format!("{s:?} is not SITE/HOST"))),
+    }
+}
+
+/// Revokes a host (audited); shared by the CLI and the operator API.
+pub fn revoke(svc: &Services, caller: &Caller, site: &str, host: &str) -> Result<bool> {
+    let r = svc.store.revoke_host(caller, site, host, Timestamp::now());
+    let refused = crate::audit::refusal(&r);
+    crate::audit::record(
+        &*svc.store,
+        caller,
+        "host.revoke",
+        &format!("{site}/{host}"),
+        refused.as_deref(),
+    );
+    Ok(r?)
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn local_caller() -> Caller {
+    let user = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "unknown".into());
+    Caller::local(&user)
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    let config = Config::load(cli.config.as_deref())?;
+    let (svc, first) = Services::open(config)?;
+    let caller = local_caller();
+    match cli.command {
+        Command::Serve => {
+            if first.created_ca {
+                println!(
+                    "created the enrollment CA in {}",
+                    svc.paths.ca_dir.display()
+                );
+            }
+            if first.created_order_key {
+                println!(
+                    "created the order key {} (boxes pin {})",
+                    svc.paths.order_key.display(),
+                    svc.paths.order_pubkey.display()
+                );
+            }
+            if let Some(path) = svc.bootstrap_admin()? {
+                println!("wrote the first admin token to {}", path.display());
+            }
+            let running = crate::Running::start(svc, crate::StartOptions::default())?;
+            println!(
+                "agent listener on https://{} (mTLS, protocol v1)",
+                running.agent_addr()
+            );
+            println!("operator listener on https://{}", running.operator_addr());
+            println!("CA fingerprint {}", running.services.ca.fingerprint());
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
+            running.wait_for_signal()?;
+        }
+        Command::Token(TokenCommand::Create {
+            site,
+            reseller,
+            uses,
+            expires,
+            json,
+        }) => {
+            let req = crate::enroll::TokenRequest {
+                site_id: site,
+                reseller_id: reseller,
+                uses,
+                expires_in: parse_duration(&expires)?,
+            };
+            let t = crate::enroll::create_token(&svc, &caller, &req)?;
+            if json {
+                print_json(&json!(t));
+            } else {
+                println!("{}", t.token);
+                eprintln!(
+                    "site {} ({} use(s), expires {}); on the box: compliance-agent enroll --server {} --token <token>",
+                    t.site_id,
+                    t.uses,
+                    t.expires_at,
+                    svc.config.public_url()
+                );
+            }
+        }
+        Command::Hosts(HostsCommand::List { json }) => {
+            let fleet = crate::fleet::fleet(&*svc.store, &caller, Timestamp::now())?;
+            if json {
+                print_json(&json!({ "hosts": fleet }));
+            } else {
+                for h in fleet {
+                    println!(
+                        "{}/{}\tbundles {}\tthrough {}\tgaps {}\t{}{}",
+                        h.site_id,
+                        h.host_id,
+                        h.bundles,
+                        h.contiguous_through.map_or("-".into(), |s| s.to_string()),
+                        h.gaps.len(),
+                        if h.overdue { "OVERDUE" } else { "ok" },
+                        if h.revoked_at.is_some() {
+                            " revoked"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+            }
+        }
+        Command::Hosts(HostsCommand::Show { host, json }) => {
+            let (site, host_id) = split_host(&host)?;
+            let h = svc
+                .store
+                .host(&caller, &site, &host_id)?
+                .ok_or_else(|| Error::Invalid(format!("no such host {host}")))?;
+            let st = crate::fleet::host_status(&*svc.store, &caller, &h, Timestamp::now())?;
+            if json {
+                print_json(&json!(st));
+            } else {
+                println!(
+                    "{host}: {} bundles, contiguous through {:?}, gaps {:?}, last seen {:?}, overdue {}",
+                    st.bundles, st.contiguous_through, st.gaps, st.last_seen, st.overdue
+                );
+                for r in &st.latest {
+                    println!("  {}\t{}\t{}", r.check, r.outcome, r.timestamp_end);
+                }
+            }
+        }
+        Command::Hosts(HostsCommand::Revoke { host, json }) => {
+            let (site, host_id) = split_host(&host)?;
+            let changed = revoke(&svc, &caller, &site, &host_id)?;
+            if json {
+                print_json(&json!({ "revoked": host, "changed": changed }));
+            } else if changed {
+                println!("revoked {host}: its certificate is refused from the next request on");
+            } else {
+                println!("{host} was already revoked");
+            }
+        }
+        Command::Hosts(HostsCommand::Add {
+            host,
+            pubkey,
+            reseller,
+        }) => {
+            let (site, host_id) = split_host(&host)?;
+            let pem = std::fs::read_to_string(&pubkey).map_err(Error::io(&pubkey))?;
+            compliance_agent::crypto::VerifyingKey::from_spki_pem(&pem).map_err(|e| {
+                Error::Invalid(format!(
+                    "{}: not an Ed25519 public key in SPKI PEM: {e}",
+                    pubkey.display()
+                ))
+            })?;
+            add_host(&svc, &caller, &site, &host_id, reseller.as_deref(), &pem)?;
+            println!("added {host}");
+        }
+        Command::Sites(SitesCommand::List { json }) => {
+            let sites = svc.store.sites(&caller)?;
+            if json {
+                print_json(&json!({ "sites": sites }));
+            } else {
+                for s in sites {
+                    println!(
+                        "{}\t{}\t{}",
+                        s.site_id,
+                        s.reseller_id.as_deref().unwrap_or("(direct)"),
+                        s.runbook_allowlist.join(",")
+                    );
+                }
+            }
+        }
+        Command::Sites(SitesCommand::Allow { site, runbooks }) => {
+            for r in &runbooks {
+                if !compliance_agent::runbook_ids::RUNBOOK_IDS.contains(&r.as_str()) {
+                    return Err(Error::Invalid(format!(
+                        "unknown runbook {r:?}; known: {}",
+                        compliance_agent::runbook_ids::RUNBOOK_IDS.join(", ")
+                    )));
+                }
+            }
+            let mut s = svc
+                .store
+                .site(&caller, &site)?
+                .ok_or_else(|| Error::Invalid(format!("no such site {site}")))?;
+            for r in runbooks {
+                if !s.runbook_allowlist.contains(&r) {
+                    s.runbook_allowlist.push(r);
+                }
+            }
+            let result = svc.store.put_site(&caller, &s);
+            let refused = crate::audit::refusal(&result);
+            crate::audit::record(
+                &*svc.store,
+                &caller,
+                "site.allow",
+                &site,
+                refused.as_deref(),
+            );
+            result?;
+            println!("{site}: {}", s.runbook_allowlist.join(", "));
+        }
+        Command::Status { json } => {
+            let fleet = crate::fleet::fleet(&*svc.store, &caller, Timestamp::now())?;
+            let overdue: Vec<String> = fleet
+                .iter()
+                .filter(|h| h.overdue)
+                .map(|h| format!("{}/{}", h.site_id, h.host_id))
+                .collect();
+            let gaps = fleet.iter().filter(|h| !h.gaps.is_empty()).count();
+            let v = json!({ "hosts": fleet.len(), "overdue": overdue, "hosts_with_gaps": gaps, "database": svc.store.backend(), "schema_version": svc.store.schema_version()?, "archive": svc.archive.kind() });
+            if json {
+                print_json(&v);
+            } else {
+                println!(
+                    "{} hosts, {} overdue, {} with chain gaps ({} database, {} archive)",
+                    fleet.len(),
+                    overdue.len(),
+                    gaps,
+                    svc.store.backend(),
+                    svc.archive.kind()
+                );
+            }
+        }
+        Command::Order(OrderCommand::Create {
+            host,
+            runbook,
+            params,
+            ttl,
+            json,
+        }) => {
+            let (site, host_id) = split_host(&host)?;
+            let params: serde_json::Value = serde_json::from_str(&params)
+                .map_err(|e| Error::Invalid(format!("--params is not JSON: {e}")))?;
+            let o = crate::orders::create(
+                &svc,
+                &caller,
+                &crate::orders::OrderDraft {
+                    site_id: site,
+                    host_id,
+                    runbook_id: runbook,
+                    params,
+                    ttl,
+                },
+            )?;
+            if json {
+                print_json(&json!(o));
+            } else {
+                println!("{}\t{}", o.order_id, o.state.as_str());
+            }
+        }
+        Command::Order(OrderCommand::List { host, json }) => {
+            let host = host.as_deref().map(split_host).transpose()?;
+            let orders = svc.store.orders(
+                &caller,
+                host.as_ref().map(|(a, b)| (a.as_str(), b.as_str())),
+            )?;
+            if json {
+                print_json(&json!({ "orders": orders }));
+            } else {
+                for o in orders {
+                    println!(
+                        "{}\t{}/{}\t{}\t{}\t{}",
+                        o.order_id,
+                        o.site_id,
+                        o.host_id,
+                        o.runbook_id,
+                        o.state.as_str(),
+                        o.result_outcome.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+        }
+        Command::Order(OrderCommand::Approve {
+            order_id,
+            as_token,
+            json,
+        }) => {
+            let approver = match as_token {
+                Some(path) => {
+                    let token = std::fs::read_to_string(&path).map_err(Error::io(&path))?;
+                    let op = svc
+                        .store
+                        .operator_by_token(&token_hash(token.trim()))?
+                        .ok_or_else(|| {
+                            Error::Invalid(format!(
+                                "{}: the operator token is not valid",
+                                path.display()
+                            ))
+                        })?;
+                    Caller {
+                        actor: format!("operator:{}", op.name),
+                        role: op.role,
+                        tenants: op.tenants,
+                        peer: None,
+                    }
+                }
+                None => caller,
+            };
+            let o = crate::orders::approve(&svc, &approver, &order_id)?;
+            if json {
+                print_json(&json!(o));
+            } else {
+                println!("{}\t{}", o.order_id, o.state.as_str());
+            }
+        }
+        Command::Evidence(EvidenceCommand::List { host, json }) => {
+            let (site, host_id) = split_host(&host)?;
+            let ids = svc.store.bundle_ids(&caller, &site, &host_id)?;
+            if json {
+                print_json(&json!({ "host": host, "bundles": ids }));
+            } else {
+                for id in ids {
+                    println!("{id}");
+                }
+            }
+        }
+        Command::Users(UsersCommand::Add {
+            name,
+            role,
+            reseller,
+            sites,
+            json,
+        }) => {
+            let role = Role::parse(&role).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "--role {role:?}: one of admin, reseller_operator, site_operator, auditor"
+                ))
+            })?;
+            let tenants = tenants_for(role, reseller.as_deref(), &sites)?;
+            let token = new_token(crate::auth::OPERATOR_TOKEN_PREFIX);
+            let op = Operator {
+                name: name.clone(),
+                role,
+                tenants,
+                token_hash: token_hash(&token),
+                created_at: Timestamp::now(),
+                disabled: false,
+            };
+            let r = svc.store.create_operator(&caller, &op);
+            let refused = crate::audit::refusal(&r);
+            crate::audit::record(
+                &*svc.store,
+                &caller,
+                "operator.create",
+                &name,
+                refused.as_deref(),
+            );
+            r?;
+            if json {
+                print_json(&json!({ "name": name, "role": role, "token": token }));
+            } else {
+                println!("{token}");
+            }
+        }
+        Command::Users(UsersCommand::List { json }) => {
+            let ops = svc.store.operators(&caller)?;
+            if json {
+                print_json(&json!({ "operators": ops }));
+            } else {
+                for o in ops {
+                    println!(
+                        "{}\t{}\t{}",
+                        o.name,
+                        o.role.as_str(),
+                        serde_json::to_string(&o.tenants).unwrap_or_default()
+                    );
+                }
+            }
+        }
+        Command::Audit { limit, json } => {
+            let entries = svc.store.audit(&caller, limit)?;
+            if json {
+                print_json(&json!({ "audit": entries }));
+            } else {
+                for e in entries {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}\t{}",
+                        e.at, e.actor, e.action, e.target, e.outcome, e.detail
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Adds a host by hand (creating its site); audited.
+pub fn add_host(
+    svc: &Services,
+    caller: &Caller,
+    site: &str,
+    host: &str,
+    reseller: Option<&str>,
+    pubkey_pem: &str,
+) -> Result<()> {
+    let r = (|| -> Result<()> {
+        if svc.store.site(caller, site)?.is_none() {
+            svc.store.put_site(
+                caller,
+                &crate::store::Site {
+                    site_id: site.into(),
+                    reseller_id: reseller.map(str::to_owned),
+                    runbook_allowlist: svc.config.orders.default_site_allowlist.clone(),
+                    created_at: Timestamp::now(),
+                },
+            )?;
+        }
+        svc.store.add_host(
+            caller,
+            &Host {
+                site_id: site.into(),
+                host_id: host.into(),
+                reseller_id: None,
+                evidence_pubkey_pem: pubkey_pem.into(),
+                cert_serial: None,
+                enrolled_at: Timestamp::now(),
+                revoked_at: None,
+                scan_interval_sec: svc.config.default_scan_interval_sec,
+                last_seen: None,
+            },
+        )?;
+        Ok(())
+    })();
+    let refused = crate::audit::refusal(&r);
+    crate::audit::record(
+        &*svc.store,
+        caller,
+        "host.add",
+        &format!("{site}/{host}"),
+        refused.as_deref(),
+    );
+    r
+}

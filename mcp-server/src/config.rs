@@ -1,0 +1,456 @@
+//! The server's TOML configuration: unknown keys are errors, every key has a default
+//! (the embedded default needs no file), and validation says what to fix.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration:\n{}", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<String>),
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("./mcp-state")
+}
+fn default_agent_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8443))
+}
+fn default_operator_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9443))
+}
+fn default_server_names() -> Vec<String> {
+    vec!["localhost".into(), "127.0.0.1".into()]
+}
+fn default_retention_days() -> u32 {
+    2190
+}
+fn default_scan_interval() -> u64 {
+    300
+}
+fn default_client_cert_days() -> u32 {
+    397
+}
+
+/// Bounds that keep one slow or greedy client from starving the others.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// The whole TLS handshake, from accept.
+    #[serde(default = "Limits::d_handshake")]
+    pub handshake_timeout_sec: f64,
+    /// Reading a request's head, and waiting for the next request on a kept-alive connection.
+    #[serde(default = "Limits::d_header")]
+    pub header_timeout_sec: f64,
+    /// A whole request: head, body and the answer.
+    #[serde(default = "Limits::d_request")]
+    pub request_timeout_sec: f64,
+    /// Open connections per peer address; more are closed at once.
+    #[serde(default = "Limits::d_per_peer")]
+    pub max_connections_per_peer: usize,
+    /// Open connections in all.
+    #[serde(default = "Limits::d_total")]
+    pub max_connections: usize,
+    /// Request bodies (the protocol's limit: 1 MiB).
+    #[serde(default = "Limits::d_body")]
+    pub max_body_bytes: usize,
+}
+
+impl Limits {
+    fn d_handshake() -> f64 {
+        10.0
+    }
+    fn d_header() -> f64 {
+        30.0
+    }
+    fn d_request() -> f64 {
+        30.0
+    }
+    fn d_per_peer() -> usize {
+        64
+    }
+    fn d_total() -> usize {
+        4096
+    }
+    fn d_body() -> usize {
+        1024 * 1024
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout_sec: Self::d_handshake(),
+            header_timeout_sec: Self::d_header(),
+            request_timeout_sec: Self::d_request(),
+            max_connections_per_peer: Self::d_per_peer(),
+            max_connections: Self::d_total(),
+            max_body_bytes: Self::d_body(),
+        }
+    }
+}
+
+/// Central guardrails applied before the server signs an order.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OrderPolicy {
+    /// Seconds between two orders of one runbook for one host (the prototype's rate key).
+    #[serde(default = "OrderPolicy::d_cooldown")]
+    pub cooldown_sec: u64,
+    #[serde(default = "OrderPolicy::d_ttl_min")]
+    pub ttl_min_sec: u64,
+    #[serde(default = "OrderPolicy::d_ttl_max")]
+    pub ttl_max_sec: u64,
+    #[serde(default = "OrderPolicy::d_ttl")]
+    pub default_ttl_sec: u64,
+    /// Runbooks that need a second operator's approval before they are signed.
+    #[serde(default = "OrderPolicy::d_disruptive")]
+    pub disruptive_runbooks: Vec<String>,
+    /// The allowlist a new site starts with.
+    #[serde(default = "OrderPolicy::d_allowlist")]
+    pub default_site_allowlist: Vec<String>,
+}
+
+impl OrderPolicy {
+    fn d_cooldown() -> u64 {
+        300
+    }
+    fn d_ttl_min() -> u64 {
+        60
+    }
+    fn d_ttl_max() -> u64 {
+        86_400
+    }
+    fn d_ttl() -> u64 {
+        900
+    }
+    fn d_disruptive() -> Vec<String> {
+        [
+            "switch_generation",
+            "rollback_generation",
+            "stop_unit",
+            "restart_unit",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+    fn d_allowlist() -> Vec<String> {
+        vec![compliance_agent::orders::COLLECT_EVIDENCE.into()]
+    }
+}
+
+impl Default for OrderPolicy {
+    fn default() -> Self {
+        Self {
+            cooldown_sec: Self::d_cooldown(),
+            ttl_min_sec: Self::d_ttl_min(),
+            ttl_max_sec: Self::d_ttl_max(),
+            default_ttl_sec: Self::d_ttl(),
+            disruptive_runbooks: Self::d_disruptive(),
+            default_site_allowlist: Self::d_allowlist(),
+        }
+    }
+}
+
+/// The server's configuration. Paths left out are derived from `state_dir`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// `sqlite:PATH`; default `sqlite:<state_dir>/mcp.db`.
+    #[serde(default)]
+    pub database_url: Option<String>,
+    /// Default `<state_dir>/archive`.
+    #[serde(default)]
+    pub archive_dir: Option<PathBuf>,
+    #[serde(default = "default_retention_days")]
+    pub archive_retention_days: u32,
+    #[serde(default = "default_agent_listen")]
+    pub agent_listen: SocketAddr,
+    #[serde(default = "default_operator_listen")]
+    pub operator_listen: SocketAddr,
+    /// DNS names and IP addresses in the server certificate made on first start.
+    #[serde(default = "default_server_names")]
+    pub server_names: Vec<String>,
+    /// The agent listener's URL as boxes reach it (returned at enrollment); default from agent_listen.
+    #[serde(default)]
+    pub public_url: Option<String>,
+    /// TLS certificate chain and key of both listeners; default: made by the CA on first start.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+    /// CA certificates client certificates must chain to; default: the enrollment CA.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// Directory of the enrollment CA (ca.pem, ca.key); default `<state_dir>/ca`.
+    #[serde(default)]
+    pub ca_dir: Option<PathBuf>,
+    /// The Ed25519 order key (PKCS#8 PEM); default `<state_dir>/order-signing.key`.
+    #[serde(default)]
+    pub order_key_file: Option<PathBuf>,
+    /// Where the first admin token is written on first start; default `<state_dir>/admin.token`.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
+    /// When set, agents must also send `Authorization: Bearer <contents>`.
+    #[serde(default)]
+    pub agent_api_key_file: Option<PathBuf>,
+    /// Scan interval assumed for a host (overdue after twice this).
+    #[serde(default = "default_scan_interval")]
+    pub default_scan_interval_sec: u64,
+    #[serde(default = "default_client_cert_days")]
+    pub client_cert_days: u32,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub orders: OrderPolicy,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The embedded default is the empty file.
+        toml::from_str("").unwrap_or_else(|_| unreachable_default())
+    }
+}
+
+// An empty TOML document always deserialises into the defaults above.
+fn unreachable_default() -> Config {
+    Config {
+        state_dir: default_state_dir(),
+        database_url: None,
+        archive_dir: None,
+        archive_retention_days: default_retention_days(),
+        agent_listen: default_agent_listen(),
+        operator_listen: default_operator_listen(),
+        server_names: default_server_names(),
+        public_url: None,
+        tls_cert_file: None,
+        tls_key_file: None,
+        client_ca_file: None,
+        ca_dir: None,
+        order_key_file: None,
+        admin_token_file: None,
+        agent_api_key_file: None,
+        default_scan_interval_sec: default_scan_interval(),
+        client_cert_days: default_client_cert_days(),
+        limits: Limits::default(),
+        orders: OrderPolicy::default(),
+    }
+}
+
+/// Where the server keeps things, with every default applied.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    pub state_dir: PathBuf,
+    pub database: PathBuf,
+    pub archive_dir: PathBuf,
+    pub ca_dir: PathBuf,
+    pub order_key: PathBuf,
+    pub order_pubkey: PathBuf,
+    pub admin_token: PathBuf,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+}
+
+impl Config {
+    /// Reads and validates a file; with `None`, the embedded default.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let config = match path {
+            None => Config::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                })?
+            }
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Every problem at once, each with the fix.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if let Some(url) = &self.database_url
+            && !url.starts_with("sqlite:")
+        {
+            problems.push(format!(
+                "database_url = {url:?}: this server supports sqlite:PATH (PostgreSQL is not built in yet)"
+            ));
+        }
+        if self.archive_retention_days == 0 {
+            problems.push(
+                "archive_retention_days must be at least 1 (HIPAA asks six years: 2190)".into(),
+            );
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            problems.push("tls_cert_file and tls_key_file go together: set both or neither".into());
+        }
+        if self.server_names.is_empty() {
+            problems.push("server_names must name at least one DNS name or IP address".into());
+        }
+        if let Some(url) = &self.public_url
+            && !url.starts_with("https://")
+        {
+            problems.push(format!("public_url = {url:?} must start with https://"));
+        }
+        let l = &self.limits;
+        for (name, v) in [
+            ("limits.handshake_timeout_sec", l.handshake_timeout_sec),
+            ("limits.header_timeout_sec", l.header_timeout_sec),
+            ("limits.request_timeout_sec", l.request_timeout_sec),
+        ] {
+            if !(v.is_finite() && (0.05..=3600.0).contains(&v)) {
+                problems.push(format!(
+                    "{name} = {v}: must be between 0.05 and 3600 seconds"
+                ));
+            }
+        }
+        if l.max_connections_per_peer == 0 || l.max_connections < l.max_connections_per_peer {
+            problems.push(
+                "limits.max_connections_per_peer must be at least 1 and at most limits.max_connections".into(),
+            );
+        }
+        if l.max_body_bytes < 4096 {
+            problems.push("limits.max_body_bytes must be at least 4096".into());
+        }
+        let o = &self.orders;
+        if o.ttl_min_sec < compliance_agent::orders::MIN_TTL_SEC
+            || o.ttl_max_sec > compliance_agent::orders::MAX_TTL_SEC
+            || o.ttl_min_sec > o.ttl_max_sec
+            || !(o.ttl_min_sec..=o.ttl_max_sec).contains(&o.default_ttl_sec)
+        {
+            problems.push(format!(
+                "orders: need {} <= ttl_min_sec <= default_ttl_sec <= ttl_max_sec <= {} (the agent's bounds)",
+                compliance_agent::orders::MIN_TTL_SEC,
+                compliance_agent::orders::MAX_TTL_SEC
+            ));
+        }
+        for r in o
+            .disruptive_runbooks
+            .iter()
+            .chain(&o.default_site_allowlist)
+        {
+            if !compliance_agent::runbook_ids::RUNBOOK_IDS.contains(&r.as_str()) {
+                problems.push(format!(
+                    "orders: runbook {r:?} is unknown; known: {}",
+                    compliance_agent::runbook_ids::RUNBOOK_IDS.join(", ")
+                ));
+            }
+        }
+        if self.default_scan_interval_sec < 10 {
+            problems.push("default_scan_interval_sec must be at least 10".into());
+        }
+        if !(1..=825).contains(&self.client_cert_days) {
+            problems.push("client_cert_days must be between 1 and 825".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    pub fn paths(&self) -> Paths {
+        let s = &self.state_dir;
+        let database = self
+            .database_url
+            .as_deref()
+            .and_then(|u| u.strip_prefix("sqlite:"))
+            .map(|p| PathBuf::from(p.trim_start_matches("//")))
+            .unwrap_or_else(|| s.join("mcp.db"));
+        let order_key = self
+            .order_key_file
+            .clone()
+            .unwrap_or_else(|| s.join("order-signing.key"));
+        Paths {
+            state_dir: s.clone(),
+            database,
+            archive_dir: self
+                .archive_dir
+                .clone()
+                .unwrap_or_else(|| s.join("archive")),
+            ca_dir: self.ca_dir.clone().unwrap_or_else(|| s.join("ca")),
+            order_pubkey: order_key.with_file_name("order-signing.pub.pem"),
+            order_key,
+            admin_token: self
+                .admin_token_file
+                .clone()
+                .unwrap_or_else(|| s.join("admin.token")),
+            tls_cert: self
+                .tls_cert_file
+                .clone()
+                .unwrap_or_else(|| s.join("tls/server.pem")),
+            tls_key: self
+                .tls_key_file
+                .clone()
+                .unwrap_or_else(|| s.join("tls/server.key")),
+        }
+    }
+
+    /// The URL boxes use for the agent listener.
+    pub fn public_url(&self) -> String {
+        self.public_url
+            .clone()
+            .unwrap_or_else(|| format!("https://{}", self.agent_listen))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_default_is_valid() {
+        let c = Config::default();
+        assert_eq!(c.validate().ok(), Some(()), "default validates");
+        assert_eq!(c.agent_listen.to_string(), "127.0.0.1:8443");
+        assert_eq!(c.operator_listen.to_string(), "127.0.0.1:9443");
+        assert_eq!(c.paths().database, PathBuf::from("./mcp-state/mcp.db"));
+        assert_eq!(c.orders.cooldown_sec, 300, "the prototype's cooldown");
+        assert_eq!(c.archive_retention_days, 2190, "six years");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "state_dri = \"/x\"\n")?;
+        let err = Config::load(Some(&path))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("unknown field `state_dri`"), "{err}");
+        std::fs::write(
+            &path,
+            "database_url = \"mysql://x\"\narchive_retention_days = 0\ntls_cert_file = \"/c\"\n[limits]\nhandshake_timeout_sec = 0\n",
+        )?;
+        let err = Config::load(Some(&path))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        for needle in [
+            "database_url",
+            "archive_retention_days",
+            "tls_key_file",
+            "handshake_timeout_sec",
+        ] {
+            assert!(err.contains(needle), "names {needle}: {err}");
+        }
+        Ok(())
+    }
+}

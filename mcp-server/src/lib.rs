@@ -1,0 +1,95 @@
+//! The MSP's central server: enrollment bound to host identity, evidence intake into a
+//! database and an archive, fleet state, operators with roles, audited and guarded orders.
+//!
+//! Data flows one way: `api` -> `intake` / `enroll` / `orders` -> `store` / `archive`.
+//! Nothing that matters lives in process memory: several processes can share one
+//! database and one archive.
+
+pub mod api;
+pub mod archive;
+pub mod audit;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod enroll;
+pub mod fleet;
+pub mod intake;
+pub mod orders;
+pub mod pki;
+pub mod server;
+pub mod services;
+pub mod store;
+
+pub use server::{Running, StartOptions};
+pub use services::Services;
+
+/// The crate's error: one variant per concern, each naming what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Archive(#[from] archive::ArchiveError),
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    #[error(transparent)]
+    Enroll(#[from] enroll::EnrollError),
+    #[error(transparent)]
+    Order(#[from] orders::OrderError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    #[error(transparent)]
+    Crypto(#[from] compliance_agent::crypto::CryptoError),
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Error {
+    pub fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        move |source| Error::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Site, host, reseller, order and bundle ids as they may appear in paths and URLs.
+pub fn valid_id(id: &str) -> bool {
+    compliance_agent::orders::valid_order_id(id)
+}
+
+/// Writes a file atomically and durably (temp file, fsync, rename, fsync of the
+/// directory) with `mode`; used for keys, certificates and archive objects.
+pub fn write_durable(path: &std::path::Path, data: &[u8], mode: u32) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let dir = path
+        .parent()
+        .ok_or_else(|| Error::Invalid(format!("{} has no parent directory", path.display())))?;
+    std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+    let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(Error::io(&tmp))?;
+    f.write_all(data).map_err(Error::io(&tmp))?;
+    f.sync_all().map_err(Error::io(&tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(Error::io(path))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(Error::io(dir))
+}

@@ -167,7 +167,9 @@ impl Default for OrderPolicy {
 pub struct Config {
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
-    /// `sqlite:PATH`; default `sqlite:<state_dir>/mcp.db`.
+    /// `sqlite:PATH` or `postgres://user:password@host:port/db` (a Unix socket
+    /// directory as a percent-encoded host: `postgres://mcp@%2Frun%2Fpostgresql/mcp`);
+    /// default `sqlite:<state_dir>/mcp.db`.
     #[serde(default)]
     pub database_url: Option<String>,
     /// Default `<state_dir>/archive`.
@@ -285,12 +287,18 @@ impl Config {
     /// Every problem at once, each with the fix.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
-        if let Some(url) = &self.database_url
-            && !url.starts_with("sqlite:")
-        {
-            problems.push(format!(
-                "database_url = {url:?}: this server supports sqlite:PATH (PostgreSQL is not built in yet)"
-            ));
+        if let Some(url) = &self.database_url {
+            if crate::store::is_postgres_url(url) {
+                if let Err(e) = url.parse::<postgres::Config>() {
+                    problems.push(format!(
+                        "database_url is not a valid PostgreSQL URL: {e} (write postgres://user:password@host:port/db)"
+                    ));
+                }
+            } else if crate::store::sqlite_path(url).is_none() {
+                problems.push(format!(
+                    "database_url = {url:?}: use sqlite:PATH or postgres://user:password@host:port/db"
+                ));
+            }
         }
         if self.archive_retention_days == 0 {
             problems.push(
@@ -367,11 +375,11 @@ impl Config {
 
     pub fn paths(&self) -> Paths {
         let s = &self.state_dir;
+        // The SQLite file (unused when database_url names PostgreSQL).
         let database = self
             .database_url
             .as_deref()
-            .and_then(|u| u.strip_prefix("sqlite:"))
-            .map(|p| PathBuf::from(p.trim_start_matches("//")))
+            .and_then(crate::store::sqlite_path)
             .unwrap_or_else(|| s.join("mcp.db"));
         let order_key = self
             .order_key_file

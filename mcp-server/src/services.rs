@@ -9,7 +9,6 @@ use jiff::Timestamp;
 use serde::Serialize;
 
 use crate::archive::Archive;
-use crate::archive::local::LocalArchive;
 use crate::auth::{Caller, OPERATOR_TOKEN_PREFIX, Role, Tenants, new_token, token_hash};
 use crate::config::{Config, Paths};
 use crate::pki::{Ca, Validity};
@@ -73,7 +72,7 @@ impl Services {
             config.database_url.as_deref(),
             &paths.database,
         )?);
-        let archive: Arc<dyn Archive> = Arc::new(LocalArchive::new(&paths.archive_dir));
+        let archive: Arc<dyn Archive> = Arc::from(crate::archive::open(&config, &paths)?);
         archive.check()?;
         let (ca, created_ca) = Ca::load_or_create(&paths.ca_dir, "compliance MCP enrollment CA")?;
         first.created_ca = created_ca;

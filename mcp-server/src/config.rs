@@ -99,6 +99,63 @@ impl Default for Limits {
     }
 }
 
+/// The S3 archive with Object Lock (`[archive_s3]`); without it, the local directory.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct S3Settings {
+    /// A bucket created with Object Lock (which enables versioning).
+    pub bucket: String,
+    /// For MinIO and other S3-compatible stores, e.g. `https://minio.internal:9000`;
+    /// default: AWS S3 of `region`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default = "S3Settings::d_region")]
+    pub region: String,
+    /// Bucket in the path rather than the host name (MinIO wants this).
+    #[serde(default)]
+    pub force_path_style: bool,
+    /// Key prefix before `RESELLER/SITE/HOST/...`; default none.
+    #[serde(default)]
+    pub prefix: String,
+    /// Default: `$AWS_ACCESS_KEY_ID`.
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    /// A file holding the secret key (LoadCredential on NixOS); default: `$AWS_SECRET_ACCESS_KEY`.
+    #[serde(default)]
+    pub secret_access_key_file: Option<PathBuf>,
+}
+
+impl S3Settings {
+    fn d_region() -> String {
+        "us-east-1".into()
+    }
+
+    /// What is wrong with these settings, each with the fix.
+    fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let b = &self.bucket;
+        let valid = (3..=63).contains(&b.len())
+            && b.bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'.' || c == b'-')
+            && b.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && b.ends_with(|c: char| c.is_ascii_alphanumeric());
+        if !valid {
+            p.push(format!(
+                "archive_s3.bucket = {b:?}: a bucket name is 3-63 of a-z, 0-9, '.', '-', starting and ending with a letter or digit"
+            ));
+        }
+        if let Some(e) = &self.endpoint
+            && !(e.starts_with("https://") || e.starts_with("http://"))
+        {
+            p.push(format!("archive_s3.endpoint = {e:?} must start with https:// (or http:// on a private network)"));
+        }
+        if self.region.is_empty() {
+            p.push("archive_s3.region must not be empty (MinIO accepts us-east-1)".into());
+        }
+        p
+    }
+}
+
 /// Central guardrails applied before the server signs an order.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -167,12 +224,17 @@ impl Default for OrderPolicy {
 pub struct Config {
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
-    /// `sqlite:PATH`; default `sqlite:<state_dir>/mcp.db`.
+    /// `sqlite:PATH` or `postgres://user:password@host:port/db` (a Unix socket
+    /// directory as a percent-encoded host: `postgres://mcp@%2Frun%2Fpostgresql/mcp`);
+    /// default `sqlite:<state_dir>/mcp.db`.
     #[serde(default)]
     pub database_url: Option<String>,
-    /// Default `<state_dir>/archive`.
+    /// The local archive directory; default `<state_dir>/archive`. Not with `[archive_s3]`.
     #[serde(default)]
     pub archive_dir: Option<PathBuf>,
+    /// The S3 archive with Object Lock instead of the local directory.
+    #[serde(default)]
+    pub archive_s3: Option<S3Settings>,
     #[serde(default = "default_retention_days")]
     pub archive_retention_days: u32,
     #[serde(default = "default_agent_listen")]
@@ -229,6 +291,7 @@ fn unreachable_default() -> Config {
         state_dir: default_state_dir(),
         database_url: None,
         archive_dir: None,
+        archive_s3: None,
         archive_retention_days: default_retention_days(),
         agent_listen: default_agent_listen(),
         operator_listen: default_operator_listen(),
@@ -285,12 +348,26 @@ impl Config {
     /// Every problem at once, each with the fix.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
-        if let Some(url) = &self.database_url
-            && !url.starts_with("sqlite:")
-        {
-            problems.push(format!(
-                "database_url = {url:?}: this server supports sqlite:PATH (PostgreSQL is not built in yet)"
-            ));
+        if let Some(url) = &self.database_url {
+            if crate::store::is_postgres_url(url) {
+                if let Err(e) = url.parse::<postgres::Config>() {
+                    problems.push(format!(
+                        "database_url is not a valid PostgreSQL URL: {e} (write postgres://user:password@host:port/db)"
+                    ));
+                }
+            } else if crate::store::sqlite_path(url).is_none() {
+                problems.push(format!(
+                    "database_url = {url:?}: use sqlite:PATH or postgres://user:password@host:port/db"
+                ));
+            }
+        }
+        if let Some(s3) = &self.archive_s3 {
+            problems.extend(s3.problems());
+            if self.archive_dir.is_some() {
+                problems.push(
+                    "archive_dir and [archive_s3] are two archives: set one (S3 with Object Lock for production)".into(),
+                );
+            }
         }
         if self.archive_retention_days == 0 {
             problems.push(
@@ -367,11 +444,11 @@ impl Config {
 
     pub fn paths(&self) -> Paths {
         let s = &self.state_dir;
+        // The SQLite file (unused when database_url names PostgreSQL).
         let database = self
             .database_url
             .as_deref()
-            .and_then(|u| u.strip_prefix("sqlite:"))
-            .map(|p| PathBuf::from(p.trim_start_matches("//")))
+            .and_then(crate::store::sqlite_path)
             .unwrap_or_else(|| s.join("mcp.db"));
         let order_key = self
             .order_key_file
@@ -452,5 +529,38 @@ mod tests {
             assert!(err.contains(needle), "names {needle}: {err}");
         }
         Ok(())
+    }
+
+    /// The database and archive choices: each wrong value is named with the fix.
+    #[test]
+    fn database_and_archive_choices_are_checked() {
+        let parse = |text: &str| -> String {
+            toml::from_str::<Config>(text)
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.validate().map_err(|e| e.to_string()))
+                .err()
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            parse("database_url = \"postgres://mcp@%2Frun%2Fpostgresql/mcp\""),
+            ""
+        );
+        assert_eq!(parse("database_url = \"sqlite:/var/lib/mcp/mcp.db\""), "");
+        let err = parse("database_url = \"postgres://mcp@host:notaport/mcp\"");
+        assert!(err.contains("not a valid PostgreSQL URL"), "{err}");
+        assert_eq!(
+            parse(
+                "[archive_s3]\nbucket = \"evidence\"\nendpoint = \"https://minio:9000\"\nforce_path_style = true\n"
+            ),
+            ""
+        );
+        let err = parse(
+            "archive_dir = \"/a\"\n[archive_s3]\nbucket = \"Bad_Bucket\"\nendpoint = \"minio:9000\"\n",
+        );
+        for needle in ["archive_s3.bucket", "archive_s3.endpoint", "two archives"] {
+            assert!(err.contains(needle), "names {needle}: {err}");
+        }
+        let err = parse("[archive_s3]\nbucket = \"evidence\"\nsecret = \"x\"\n");
+        assert!(err.contains("unknown field `secret`"), "{err}");
     }
 }

@@ -9,11 +9,9 @@ use jiff::Timestamp;
 use serde::Serialize;
 
 use crate::archive::Archive;
-use crate::archive::local::LocalArchive;
 use crate::auth::{Caller, OPERATOR_TOKEN_PREFIX, Role, Tenants, new_token, token_hash};
 use crate::config::{Config, Paths};
 use crate::pki::{Ca, Validity};
-use crate::store::sqlite::SqliteStore;
 use crate::store::{Operator, Store};
 use crate::{Error, Result};
 
@@ -70,8 +68,11 @@ impl Services {
         let paths = config.paths();
         let mut first = FirstStart::default();
         create_private_dir(&paths.state_dir)?;
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&paths.database)?);
-        let archive: Arc<dyn Archive> = Arc::new(LocalArchive::new(&paths.archive_dir));
+        let store: Arc<dyn Store> = Arc::from(crate::store::open(
+            config.database_url.as_deref(),
+            &paths.database,
+        )?);
+        let archive: Arc<dyn Archive> = Arc::from(crate::archive::open(&config, &paths)?);
         archive.check()?;
         let (ca, created_ca) = Ca::load_or_create(&paths.ca_dir, "compliance MCP enrollment CA")?;
         first.created_ca = created_ca;

@@ -1,13 +1,19 @@
 //! The store conformance suite: each case takes a fresh store of one backend. A new
-//! backend runs the same cases by adding one `conformance!` line.
+//! backend runs the same cases by adding one `conformance!` line. PostgreSQL cases
+//! start a throwaway cluster (tests/support/postgres.rs) and fail if its binaries are
+//! missing.
+
+mod support;
 
 use compliance_agent::evidence::chain::ChainProblem;
 use jiff::Timestamp;
 use mcp_server::auth::{Caller, Role, Tenants, token_hash};
+use mcp_server::store::postgres::PostgresStore;
 use mcp_server::store::sqlite::SqliteStore;
 use mcp_server::store::{
     AuditEntry, BundleRecord, EnrollmentToken, Host, Operator, Recorded, Site, Store, StoreError,
 };
+use support::postgres::TestPostgres;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -314,6 +320,13 @@ fn sqlite() -> (tempfile::TempDir, Box<dyn Store>) {
 }
 
 conformance!(sqlite_backend, sqlite());
+conformance!(postgres_backend, postgres());
+
+fn postgres() -> (TestPostgres, Box<dyn Store>) {
+    let pg = TestPostgres::start();
+    let store = PostgresStore::open(&pg.url).expect("open postgres");
+    (pg, Box::new(store))
+}
 
 #[test]
 fn sqlite_audit_rows_cannot_be_changed_even_by_sql() -> TestResult {
@@ -361,5 +374,226 @@ fn sqlite_refuses_an_edited_migration() -> TestResult {
         .map(|e| e.to_string())
         .unwrap_or_default();
     assert!(err.contains("must not be edited"), "{err}");
+    Ok(())
+}
+
+fn audit_entry() -> AuditEntry {
+    AuditEntry {
+        id: 0,
+        at: Timestamp::now(),
+        actor: "a".into(),
+        peer: None,
+        action: "x".into(),
+        target: "t".into(),
+        outcome: "ok".into(),
+        detail: String::new(),
+    }
+}
+
+/// The audit log is append-only in the database itself: UPDATE, DELETE and TRUNCATE
+/// are refused by trigger even for a client that goes around the store.
+#[test]
+fn postgres_audit_rows_cannot_be_changed_even_by_sql() -> TestResult {
+    let (pg, store) = postgres();
+    store.append_audit(&audit_entry())?;
+    let mut sql_client = pg.admin();
+    for sql in [
+        "UPDATE audit SET actor = 'forged'",
+        "DELETE FROM audit",
+        "TRUNCATE audit",
+    ] {
+        let err = sql_client
+            .batch_execute(sql)
+            .err()
+            .and_then(|e| e.as_db_error().map(|d| d.message().to_owned()))
+            .unwrap_or_default();
+        assert!(err.contains("append-only"), "{sql} refused: {err}");
+    }
+    assert_eq!(store.audit(&admin(), 10)?.len(), 1, "the entry is intact");
+    Ok(())
+}
+
+/// A database whose applied migration differs from this build's text is refused.
+#[test]
+fn postgres_refuses_an_edited_migration() -> TestResult {
+    let (pg, store) = postgres();
+    assert_eq!(store.schema_version()?, 1);
+    drop(store);
+    pg.admin()
+        .batch_execute("UPDATE schema_migrations SET sha256 = 'edited' WHERE version = 1")?;
+    let err = PostgresStore::open(&pg.url)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("must not be edited"), "{err}");
+    // And a second open of an intact database migrates nothing twice.
+    pg.admin().batch_execute(&format!(
+        "UPDATE schema_migrations SET sha256 = '{}' WHERE version = 1",
+        hex_sha256(mcp_server::store::postgres::MIGRATIONS[0].2)
+    ))?;
+    assert_eq!(PostgresStore::open(&pg.url)?.schema_version()?, 1);
+    Ok(())
+}
+
+fn hex_sha256(text: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
+/// Runs `writers[i]` on its own thread, all released at once by a barrier.
+fn race<T: Send>(writers: Vec<Box<dyn FnOnce() -> T + Send + '_>>) -> Vec<T> {
+    let barrier = std::sync::Barrier::new(writers.len());
+    std::thread::scope(|s| {
+        let handles: Vec<_> = writers
+            .into_iter()
+            .map(|w| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    w()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("writer thread"))
+            .collect()
+    })
+}
+
+/// Several server processes on one database cannot fork a chain: writers with their
+/// own connections race to store different bundles at the same host's next seq, and
+/// exactly one wins; the others are refused as a fork by the chain check (not by a
+/// bare constraint error), because the check runs under the host's row lock.
+#[test]
+fn postgres_writers_racing_for_the_next_seq_exactly_one_wins() -> TestResult {
+    const WRITERS: usize = 6;
+    let pg = TestPostgres::start();
+    let setup = PostgresStore::open(&pg.url)?;
+    setup.put_site(&admin(), &site("s1", None))?;
+    setup.add_host(&admin(), &host("s1", "h1"))?;
+    let me = Caller::host("s1", "h1", None);
+    setup.record_bundle(&me, &record("s1", "h1", 1, "a", None), None, None)?;
+    // One store (its own pool and connections) per writer, as separate processes have.
+    let stores: Vec<PostgresStore> = (0..WRITERS)
+        .map(|_| PostgresStore::open(&pg.url))
+        .collect::<Result<_, _>>()?;
+    let mut prev = "a".to_owned();
+    for seq in 2..=6u64 {
+        let writers = stores
+            .iter()
+            .enumerate()
+            .map(|(i, store)| {
+                let (me, prev) = (&me, prev.clone());
+                Box::new(move || {
+                    let rec = record("s1", "h1", seq, &format!("w{i}-{seq}"), Some(&prev));
+                    store.record_bundle(me, &rec, None, None)
+                }) as Box<dyn FnOnce() -> _ + Send>
+            })
+            .collect();
+        let results = race(writers);
+        let winners: Vec<usize> = (0..WRITERS)
+            .filter(|i| matches!(results[*i], Ok(Recorded::Stored)))
+            .collect();
+        assert_eq!(
+            winners.len(),
+            1,
+            "seq {seq}: exactly one writer wins: {results:?}"
+        );
+        for (i, r) in results.iter().enumerate() {
+            if i != winners[0] {
+                assert!(
+                    matches!(r, Err(StoreError::Chain(ChainProblem::Fork { .. }))),
+                    "seq {seq}: writer {i} is refused as a fork: {r:?}"
+                );
+            }
+        }
+        let stored = setup
+            .neighbours(&me, "s1", "h1", seq)?
+            .same_seq
+            .map(|l| l.hash)
+            .unwrap_or_default();
+        assert_eq!(
+            stored,
+            format!("w{}-{seq}", winners[0]),
+            "the winner is stored"
+        );
+        prev = stored;
+    }
+    assert_eq!(setup.seqs(&me, "s1", "h1")?, vec![1, 2, 3, 4, 5, 6]);
+    Ok(())
+}
+
+/// The race no unique constraint catches: one writer stores seq 2, another at the same
+/// moment stores seq 3 naming a predecessor other than that seq 2. Checked apart from
+/// the insert, both could pass (each sees the other's seq empty) and the link between 2
+/// and 3 would be broken; under the host's row lock the second sees the first and is
+/// refused. A fresh host per round, so every round is the same race.
+#[test]
+fn postgres_neighbouring_seqs_racing_cannot_break_the_link() -> TestResult {
+    const ROUNDS: usize = 20;
+    let pg = TestPostgres::start();
+    let setup = PostgresStore::open(&pg.url)?;
+    setup.put_site(&admin(), &site("s1", None))?;
+    let (a, b) = (PostgresStore::open(&pg.url)?, PostgresStore::open(&pg.url)?);
+    for round in 0..ROUNDS {
+        let h = format!("h{round}");
+        setup.add_host(&admin(), &host("s1", &h))?;
+        let me = Caller::host("s1", &h, None);
+        setup.record_bundle(&me, &record("s1", &h, 1, "a", None), None, None)?;
+        let (me, a, b, hh) = (&me, &a, &b, &h);
+        let results = race(vec![
+            Box::new(move || a.record_bundle(me, &record("s1", hh, 2, "b", Some("a")), None, None))
+                as Box<dyn FnOnce() -> _ + Send>,
+            Box::new(move || b.record_bundle(me, &record("s1", hh, 3, "c", Some("x")), None, None)),
+        ]);
+        match (&results[0], &results[1]) {
+            (Ok(Recorded::Stored), Err(StoreError::Chain(ChainProblem::PrevMismatch { .. })))
+            | (Err(StoreError::Chain(ChainProblem::NextMismatch { .. })), Ok(Recorded::Stored)) => {
+            }
+            other => panic!("round {round}: exactly one of seq 2 and 3 may be stored: {other:?}"),
+        }
+        assert_eq!(
+            setup.seqs(me, "s1", hh)?.len(),
+            2,
+            "round {round}: one of the two stored"
+        );
+    }
+    Ok(())
+}
+
+/// A database that goes down answers "unavailable" (the intake then acknowledges
+/// nothing and the agent keeps the bundle), and opening one that is down says where.
+#[test]
+fn postgres_down_is_unavailable_not_an_answer() -> TestResult {
+    let mut pg = TestPostgres::start();
+    let store = PostgresStore::open(&pg.url)?;
+    store.put_site(&admin(), &site("s1", None))?;
+    store.add_host(&admin(), &host("s1", "h1"))?;
+    pg.stop_server();
+    let me = Caller::host("s1", "h1", None);
+    let r = store.record_bundle(&me, &record("s1", "h1", 1, "a", None), None, None);
+    assert!(
+        matches!(r, Err(StoreError::Unavailable(_))),
+        "record while down: {r:?}"
+    );
+    let err = PostgresStore::open(&pg.url)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("unavailable") && err.contains("mcp-pg-"),
+        "opening names the database it cannot reach: {err}"
+    );
+    pg.start_server();
+    assert!(
+        store.seqs(&me, "s1", "h1")?.is_empty(),
+        "nothing was stored while down"
+    );
+    assert_eq!(
+        store.record_bundle(&me, &record("s1", "h1", 1, "a", None), None, None)?,
+        Recorded::Stored,
+        "and the store works again once the database is back"
+    );
     Ok(())
 }

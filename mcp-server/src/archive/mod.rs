@@ -2,6 +2,7 @@
 //! written once under a key naming reseller/site/host/seq, never replaced.
 
 pub mod local;
+pub mod s3;
 
 use jiff::Timestamp;
 
@@ -62,4 +63,41 @@ pub trait Archive: Send + Sync {
     fn put(&self, key: &ArchiveKey, json: &[u8], sig: &[u8], retain_until: Timestamp)
     -> Result<()>;
     fn get(&self, key: &ArchiveKey) -> Result<Option<Archived>>;
+}
+
+/// Opens the archive the configuration names: `[archive_s3]`, else the local directory.
+/// Does not check it; [`Archive::check`] does, at start.
+pub fn open(
+    config: &crate::config::Config,
+    paths: &crate::config::Paths,
+) -> Result<Box<dyn Archive>> {
+    let Some(s3) = &config.archive_s3 else {
+        return Ok(Box::new(local::LocalArchive::new(&paths.archive_dir)));
+    };
+    let id = s3
+        .access_key_id
+        .clone()
+        .or_else(|| std::env::var("AWS_ACCESS_KEY_ID").ok())
+        .filter(|s| !s.is_empty());
+    let secret = match &s3.secret_access_key_file {
+        Some(file) => Some(
+            std::fs::read_to_string(file)
+                .map_err(|e| {
+                    ArchiveError::Unusable(format!(
+                        "archive_s3.secret_access_key_file {}: {e}",
+                        file.display()
+                    ))
+                })?
+                .trim()
+                .to_owned(),
+        ),
+        None => std::env::var("AWS_SECRET_ACCESS_KEY").ok(),
+    }
+    .filter(|s| !s.is_empty());
+    let (Some(id), Some(secret)) = (id, secret) else {
+        return Err(ArchiveError::Unusable(
+            "archive_s3 has no credentials: set access_key_id and secret_access_key_file (or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)".into(),
+        ));
+    };
+    Ok(Box::new(s3::S3Archive::new(s3, &id, &secret)?))
 }

@@ -2,6 +2,7 @@
 //! and chain, latest results, orders, operators and the audit log. Every query takes
 //! the `Caller` and is scoped by its tenants here, not only in handlers.
 
+pub mod postgres;
 pub mod sqlite;
 
 use compliance_agent::evidence::chain::{ChainProblem, StoredLink};
@@ -33,6 +34,35 @@ pub enum StoreError {
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Opens the store a `database_url` names: `sqlite:PATH` (or None: the embedded
+/// default at `sqlite_default`) or `postgres://...` / `postgresql://...`.
+pub fn open(
+    database_url: Option<&str>,
+    sqlite_default: &std::path::Path,
+) -> Result<Box<dyn Store>> {
+    match database_url {
+        Some(url) if is_postgres_url(url) => Ok(Box::new(postgres::PostgresStore::open(url)?)),
+        Some(url) => match sqlite_path(url) {
+            Some(path) => Ok(Box::new(sqlite::SqliteStore::open(&path)?)),
+            None => Err(StoreError::Unavailable(format!(
+                "database_url {url:?} names no known database: use sqlite:PATH or postgres://..."
+            ))),
+        },
+        None => Ok(Box::new(sqlite::SqliteStore::open(sqlite_default)?)),
+    }
+}
+
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// The file of a `sqlite:PATH` (or `sqlite://PATH`) URL.
+pub fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    url.strip_prefix("sqlite:")
+        .map(|p| std::path::PathBuf::from(p.trim_start_matches("//")))
+        .filter(|p| !p.as_os_str().is_empty())
+}
 
 /// A reseller's or the MSP's client site.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -202,8 +232,8 @@ pub struct AuditEntry {
     pub detail: String,
 }
 
-/// The database. Implementations: [`sqlite::SqliteStore`]; the conformance suite in
-/// tests/store/ runs against each. Calls block: async callers use `spawn_blocking`.
+/// The database. Implementations: [`sqlite::SqliteStore`] and [`postgres::PostgresStore`];
+/// the conformance suite in tests/store.rs runs against each. Calls block: async callers use `spawn_blocking`.
 pub trait Store: Send + Sync {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;

@@ -35,6 +35,7 @@ pub mod runbook_ids;
 pub mod scan;
 pub mod schedule;
 pub mod systemd;
+pub mod tlog;
 
 pub use error::{Error, Result};
 

@@ -32,6 +32,7 @@ pub mod orders;
 pub mod queue;
 pub mod resources;
 pub mod runbook_ids;
+pub mod sbom;
 pub mod scan;
 pub mod schedule;
 pub mod systemd;

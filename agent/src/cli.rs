@@ -111,6 +111,24 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write the software bill of materials (CycloneDX 1.6 JSON) of the
+    /// running system's closure, read from the Nix store database, as a signed
+    /// `sbom` bundle with the document beside bundle.json (sbom.cdx.json). A
+    /// generation that fails (the database missing, locked or corrupt, an
+    /// incomplete closure) is stored as a `failed` bundle naming why; exit 1.
+    Sbom {
+        /// The system: a link such as /run/current-system, or a store path.
+        #[arg(long, value_name = "PATH", default_value = crate::nixos::CURRENT_SYSTEM)]
+        system: PathBuf,
+        /// Also write the SBOM to FILE.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// The Nix store database to read.
+        #[arg(long, value_name = "FILE", default_value = crate::sbom::NIX_DB)]
+        nix_db: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// The upload queue of bundles for the MSP's central server (MCP).
     #[command(subcommand)]
     Queue(QueueCommand),
@@ -319,11 +337,64 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let config = Config::load(cli.config.as_deref())?;
             queue_command(&config, cmd)
         }
+        Command::Sbom {
+            system,
+            out,
+            nix_db,
+            json,
+        } => {
+            let config = Config::load(cli.config.as_deref())?;
+            sbom_command(&config, &system, out.as_deref(), &nix_db, json)
+        }
         Command::Orders(OrdersCommand::Poll { json }) => {
             let config = Config::load(cli.config.as_deref())?;
             orders_poll(&config, json)
         }
     }
+}
+
+fn sbom_command(
+    config: &Config,
+    system: &Path,
+    out: Option<&Path>,
+    nix_db: &Path,
+    json: bool,
+) -> Result<ExitCode> {
+    let store = open_evidence_store(config)?;
+    let source = crate::sbom::Source {
+        db: nix_db.to_owned(),
+        ..Default::default()
+    };
+    let (recorded, sbom) = crate::sbom::record(&store, &source, system)?;
+    if let (Some(out), Some(sbom)) = (out, &sbom) {
+        crate::sbom::write_document(out, &sbom.bytes).map_err(|source| Error::Io {
+            context: format!("cannot write the SBOM to {}", out.display()),
+            source,
+        })?;
+    }
+    if json {
+        print_json(&recorded)?;
+    } else if let Some(sbom) = &sbom {
+        out!(
+            "sbom of {}: {} store paths, {} references, sha256 {}; bundle {}",
+            sbom.system,
+            sbom.components,
+            sbom.dependency_edges,
+            sbom.sha256,
+            recorded.bundle.bundle_id
+        );
+    } else {
+        eprintln!(
+            "compliance-agent: no SBOM: {}; recorded as failed bundle {}",
+            recorded.error.as_deref().unwrap_or("unknown error"),
+            recorded.bundle.bundle_id
+        );
+    }
+    Ok(if sbom.is_some() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// How long delivered rows stay in the queue before they are pruned.

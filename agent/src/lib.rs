@@ -33,9 +33,11 @@ pub mod orders;
 pub mod queue;
 pub mod resources;
 pub mod runbook_ids;
+pub mod sbom;
 pub mod scan;
 pub mod schedule;
 pub mod systemd;
+pub mod tlog;
 
 pub use error::{Error, Result};
 

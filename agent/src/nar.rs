@@ -26,6 +26,37 @@ pub fn nixbase32(bytes: &[u8]) -> String {
     out
 }
 
+/// Decodes Nix's base-32 (the inverse of [`nixbase32`]); None for a character
+/// outside the alphabet, a length that is not a whole number of bytes, or
+/// bits set beyond the last byte.
+pub fn nixbase32_decode(text: &str) -> Option<Vec<u8>> {
+    let len = text.len() * 5 / 8;
+    if nixbase32(&vec![0u8; len]).len() != text.len() {
+        return None;
+    }
+    let mut out = vec![0u8; len];
+    for (n, c) in text.bytes().rev().enumerate() {
+        let digit = NIXBASE32.iter().position(|&a| a == c)? as u16;
+        let b = n * 5;
+        let (i, j) = (b / 8, b % 8);
+        let shifted = digit << j;
+        if i < len {
+            out[i] |= (shifted & 0xff) as u8;
+        } else if shifted & 0xff != 0 {
+            return None;
+        }
+        let carry = (shifted >> 8) as u8;
+        if carry != 0 {
+            if i + 1 < len {
+                out[i + 1] |= carry;
+            } else {
+                return None;
+            }
+        }
+    }
+    Some(out)
+}
+
 struct NarWriter<'a> {
     hasher: &'a mut Sha256,
 }
@@ -128,6 +159,33 @@ mod tests {
         );
         assert_eq!(nixbase32(&[]), "");
         assert_eq!(nixbase32(&[0x1f]), "0z");
+    }
+
+    /// Invariant: decoding inverts encoding, and what is not Nix base-32 is refused.
+    #[test]
+    fn nixbase32_decodes_what_it_encodes() {
+        for len in [0usize, 1, 2, 5, 20, 32, 64] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
+            let text = nixbase32(&bytes);
+            assert_eq!(
+                nixbase32_decode(&text),
+                Some(bytes),
+                "round trip of {len} bytes"
+            );
+        }
+        let empty = Sha256::digest(b"");
+        assert_eq!(
+            nixbase32_decode("0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73").as_deref(),
+            Some(&empty[..]),
+            "the SHA-256 of nothing"
+        );
+        assert_eq!(nixbase32_decode("0e"), None, "'e' is not in the alphabet");
+        assert_eq!(
+            nixbase32_decode("000"),
+            None,
+            "3 digits are not a whole number of bytes"
+        );
+        assert_eq!(nixbase32_decode("z0"), None, "bits beyond the last byte");
     }
 
     #[test]

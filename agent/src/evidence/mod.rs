@@ -91,10 +91,13 @@ pub enum Check {
     /// The evidence store's own integrity: an alert the writer records when
     /// the chain head record is missing, unreadable or names a bundle that is gone.
     EvidenceIntegrity,
+    /// The software bill of materials of the running system's closure; the
+    /// document is stored beside bundle.json (sbom.cdx.json).
+    Sbom,
 }
 
 impl Check {
-    pub const ALL: [Check; 11] = [
+    pub const ALL: [Check; 12] = [
         Check::Patching,
         Check::AvHealth,
         Check::Backup,
@@ -106,6 +109,7 @@ impl Check {
         Check::EvidenceRetention,
         Check::McpOrder,
         Check::EvidenceIntegrity,
+        Check::Sbom,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -121,6 +125,7 @@ impl Check {
             Check::EvidenceRetention => "evidence_retention",
             Check::McpOrder => "mcp_order",
             Check::EvidenceIntegrity => "evidence_integrity",
+            Check::Sbom => "sbom",
         }
     }
 
@@ -135,6 +140,7 @@ impl Check {
             Check::EvidenceRetention => Some("`evidence prune`"),
             Check::McpOrder => Some("`orders poll`"),
             Check::EvidenceIntegrity => Some("the evidence writer itself"),
+            Check::Sbom => Some("`compliance-agent sbom`"),
             _ => None,
         }
     }
@@ -161,6 +167,8 @@ impl Check {
             Check::McpOrder => &["164.312(b)", "164.308(a)(1)(ii)(D)", "164.312(d)"],
             // Integrity of the audit record itself, and audit controls.
             Check::EvidenceIntegrity => &["164.312(c)(1)", "164.312(b)"],
+            // Evaluation: what software the box ran, for technical reviews.
+            Check::Sbom => &["164.308(a)(8)"],
         }
     }
 }
@@ -287,6 +295,36 @@ pub struct Draft {
     pub ruleset_hash: Option<String>,
     pub derivation_digest: Option<String>,
     pub ntp_offset_ms: Option<i64>,
+    /// Files stored beside bundle.json in the bundle's directory.
+    pub attachments: Vec<Attachment>,
+}
+
+/// A file stored beside bundle.json (an SBOM, say), written and published
+/// with the bundle in the same atomic step. The signature covers it only
+/// through what the draft records of it, such as its SHA-256 in post_state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    /// A plain file name other than bundle.json and bundle.sig.
+    pub name: String,
+    pub bytes: Vec<u8>,
+}
+
+impl Attachment {
+    /// Largest attachment the writer accepts.
+    pub const MAX_BYTES: usize = 64 * 1024 * 1024;
+
+    /// Whether `name` may be an attachment's file name: a plain, visible
+    /// file name in the bundle directory that is not one of the bundle's own.
+    pub fn valid_name(name: &str) -> bool {
+        !name.is_empty()
+            && name.len() <= 64
+            && !name.starts_with('.')
+            && name != BUNDLE_FILE
+            && name != SIGNATURE_FILE
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    }
 }
 
 impl Draft {
@@ -308,6 +346,7 @@ impl Draft {
             ruleset_hash: None,
             derivation_digest: None,
             ntp_offset_ms: None,
+            attachments: Vec::new(),
         }
     }
 }

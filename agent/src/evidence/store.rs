@@ -101,6 +101,7 @@ struct Sealed {
     pending: PendingBundle,
     json: Vec<u8>,
     sig: [u8; 64],
+    attachments: Vec<super::Attachment>,
 }
 
 /// What a write holds while it runs: the lock, the store's directories opened
@@ -315,6 +316,33 @@ impl EvidenceStore {
     fn seal(&self, head: &mut HeadRecord, draft: Draft) -> Result<Sealed> {
         let now = Timestamp::now();
         let timestamp_end = draft.timestamp_end.unwrap_or(now);
+        for a in &draft.attachments {
+            if !super::Attachment::valid_name(&a.name) {
+                return Err(EvidenceError::Invalid(format!(
+                    "attachment name {:?} must be a plain file name (letters, digits, '.', '_', '-') other than {BUNDLE_FILE} and {SIGNATURE_FILE}",
+                    a.name
+                )));
+            }
+            if a.bytes.len() > super::Attachment::MAX_BYTES {
+                return Err(EvidenceError::Invalid(format!(
+                    "attachment {} is {} bytes, more than {}",
+                    a.name,
+                    a.bytes.len(),
+                    super::Attachment::MAX_BYTES
+                )));
+            }
+        }
+        if let Some(dup) = draft
+            .attachments
+            .iter()
+            .enumerate()
+            .find(|(i, a)| draft.attachments[..*i].iter().any(|b| b.name == a.name))
+        {
+            return Err(EvidenceError::Invalid(format!(
+                "attachment {} is given twice",
+                dup.1.name
+            )));
+        }
         if timestamp_end < draft.timestamp_start {
             return Err(EvidenceError::Invalid(format!(
                 "timestamp_end {timestamp_end} is before timestamp_start {}",
@@ -389,7 +417,12 @@ impl EvidenceStore {
             date,
         };
         head.commit(&pending);
-        Ok(Sealed { pending, json, sig })
+        Ok(Sealed {
+            pending,
+            json,
+            sig,
+            attachments: draft.attachments,
+        })
     }
 
     fn write_head(&self, root: &OwnedFd, head: &HeadRecord) -> Result<()> {
@@ -420,6 +453,10 @@ impl EvidenceStore {
             let id = &s.pending.bundle_id;
             let path = self.path(TMP_DIR).join(id);
             let (dir, _) = fsafe::ensure_dir_at(&held.tmp, id).map_err(io_err(&path))?;
+            for a in &s.attachments {
+                fsafe::write_new_at(&dir, &a.name, &a.bytes, false)
+                    .map_err(io_err(&path.join(&a.name)))?;
+            }
             fsafe::write_new_at(&dir, BUNDLE_FILE, &s.json, false)
                 .map_err(io_err(&path.join(BUNDLE_FILE)))?;
             fsafe::write_new_at(&dir, SIGNATURE_FILE, &s.sig, false)

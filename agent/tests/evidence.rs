@@ -601,6 +601,50 @@ proptest! {
     }
 }
 
+/// Invariant: a store whose bundles and head record were all removed is not
+/// mistaken for a new one while its day directories remain: the next write
+/// is a signed integrity alert first. A store that never held a bundle gets
+/// no alert.
+#[test]
+fn an_emptied_store_is_not_taken_for_a_new_one() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let store = open_store(tmp.path(), 41);
+    let stored = fill(&store, 3);
+    for b in &stored {
+        fs::remove_dir_all(&b.dir)?;
+    }
+    fs::remove_file(tmp.path().join("evidence/.chain-head.json"))?;
+    let written = store.store_many(vec![draft(Check::Backup, Outcome::Success, 1)])?;
+    assert_eq!(written.len(), 2, "an alert before the bundle: {written:?}");
+    let alert = evidence::read(&written[0].dir)?;
+    assert_eq!(
+        (alert.check, alert.outcome),
+        (Check::EvidenceIntegrity, Outcome::Alert),
+        "the first bundle is the integrity alert"
+    );
+    assert!(
+        alert
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("every bundle and the record were removed")),
+        "the alert says what happened: {alert:?}"
+    );
+    let report = verify(tmp.path(), 41);
+    assert!(!report.ok(), "verify keeps the emptied store a finding");
+    assert!(
+        names(&report, &written[0].bundle_id),
+        "verify names the alert: {:#?}",
+        report.problems
+    );
+
+    let fresh = tempfile::tempdir()?;
+    let new_store = open_store(fresh.path(), 42);
+    let first = new_store.store_many(vec![draft(Check::Backup, Outcome::Success, 1)])?;
+    assert_eq!(first.len(), 1, "a new store writes no alert: {first:?}");
+    assert_eq!(first[0].seq, 1, "a new store starts at seq 1");
+    Ok(())
+}
+
 /// One way to damage a stored bundle.
 #[derive(Clone, Debug)]
 enum Damage {

@@ -33,7 +33,7 @@ use serde_json::json;
 use super::fsafe::{self, ReadFailure};
 use super::layout::{
     BUNDLE_FILE, HEAD_FILE, HEAD_TMP, HeadRecord, HeadState, LOCK_FILE, PendingBundle,
-    SIGNATURE_FILE, TMP_DIR, all_bundles, day_path, encode_head, read_head,
+    SIGNATURE_FILE, TMP_DIR, all_bundles, day_dirs, day_path, encode_head, read_head,
 };
 use super::verify::ChainView;
 use super::{
@@ -259,7 +259,18 @@ impl EvidenceStore {
             HeadState::Missing => {
                 let disk = self.disk_head()?;
                 if disk.bundles == 0 {
-                    return Ok((HeadRecord::default(), None));
+                    // A new store has no day directories; one that has them held
+                    // bundles once, and all of them and the head record are gone.
+                    let days = day_dirs(&self.root, None, None)?.len();
+                    if days == 0 {
+                        return Ok((HeadRecord::default(), None));
+                    }
+                    let problem = format!(
+                        "the store holds {days} day director{} but no bundle and no chain head record {HEAD_FILE}: every bundle and the record were removed; the chain starts again at seq 1, so earlier seqs are reused",
+                        if days == 1 { "y" } else { "ies" }
+                    );
+                    let alert = integrity_alert("store_emptied", problem, None, &disk);
+                    return Ok((disk.record, Some(alert)));
                 }
                 let problem = format!(
                     "the chain head record {HEAD_FILE} is missing although the store holds {} bundle(s); bundles written after seq {} may have been deleted unseen",

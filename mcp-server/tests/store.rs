@@ -597,3 +597,30 @@ fn postgres_down_is_unavailable_not_an_answer() -> TestResult {
     );
     Ok(())
 }
+
+/// Server processes starting at once on an empty database migrate it once: every one
+/// opens (none fails on a half-made schema) and the schema is at the latest version.
+#[test]
+fn postgres_concurrent_starts_migrate_once() -> TestResult {
+    let pg = TestPostgres::start();
+    let url = pg.url.clone();
+    type Opened = Result<Result<u32, StoreError>, StoreError>;
+    let opened: Vec<Opened> = race(
+        (0..4)
+            .map(|_| {
+                let url = url.clone();
+                Box::new(move || PostgresStore::open(&url).map(|s| s.schema_version()))
+                    as Box<dyn FnOnce() -> Opened + Send>
+            })
+            .collect(),
+    );
+    for (i, r) in opened.into_iter().enumerate() {
+        assert_eq!(r??, 1, "process {i} opened a migrated database");
+    }
+    let rows = pg
+        .admin()
+        .query_one("SELECT count(*) FROM schema_migrations", &[])?
+        .get::<_, i64>(0);
+    assert_eq!(rows, 1, "migration 1 applied once");
+    Ok(())
+}

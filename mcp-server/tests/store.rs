@@ -624,3 +624,34 @@ fn postgres_concurrent_starts_migrate_once() -> TestResult {
     assert_eq!(rows, 1, "migration 1 applied once");
     Ok(())
 }
+
+/// Without PostgreSQL's binaries the PostgreSQL tests fail with the install hint; they
+/// never pass by skipping.
+#[test]
+fn missing_postgres_binaries_fail_with_the_install_hint() {
+    let empty = tempfile::tempdir().expect("tempdir");
+    for explicit in [None, Some(empty.path().join("bin"))] {
+        let panicked = std::panic::catch_unwind(|| {
+            support::postgres::find_bindir(explicit.clone(), empty.path())
+        })
+        .err()
+        .and_then(|p| p.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+        assert!(
+            panicked.contains("install Debian's postgresql (tests/run does)"),
+            "{explicit:?}: {panicked}"
+        );
+    }
+}
+
+/// Commits are durable whatever the server's default: the store asks for
+/// synchronous_commit on its own sessions.
+#[test]
+fn postgres_sessions_commit_synchronously() -> TestResult {
+    let pg = TestPostgres::start();
+    pg.admin()
+        .batch_execute("ALTER DATABASE mcp SET synchronous_commit = off")?;
+    let store = PostgresStore::open(&pg.url)?;
+    assert_eq!(store.setting("synchronous_commit")?, "on");
+    Ok(())
+}

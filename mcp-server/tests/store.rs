@@ -597,3 +597,61 @@ fn postgres_down_is_unavailable_not_an_answer() -> TestResult {
     );
     Ok(())
 }
+
+/// Server processes starting at once on an empty database migrate it once: every one
+/// opens (none fails on a half-made schema) and the schema is at the latest version.
+#[test]
+fn postgres_concurrent_starts_migrate_once() -> TestResult {
+    let pg = TestPostgres::start();
+    let url = pg.url.clone();
+    type Opened = Result<Result<u32, StoreError>, StoreError>;
+    let opened: Vec<Opened> = race(
+        (0..4)
+            .map(|_| {
+                let url = url.clone();
+                Box::new(move || PostgresStore::open(&url).map(|s| s.schema_version()))
+                    as Box<dyn FnOnce() -> Opened + Send>
+            })
+            .collect(),
+    );
+    for (i, r) in opened.into_iter().enumerate() {
+        assert_eq!(r??, 1, "process {i} opened a migrated database");
+    }
+    let rows = pg
+        .admin()
+        .query_one("SELECT count(*) FROM schema_migrations", &[])?
+        .get::<_, i64>(0);
+    assert_eq!(rows, 1, "migration 1 applied once");
+    Ok(())
+}
+
+/// Without PostgreSQL's binaries the PostgreSQL tests fail with the install hint; they
+/// never pass by skipping.
+#[test]
+fn missing_postgres_binaries_fail_with_the_install_hint() {
+    let empty = tempfile::tempdir().expect("tempdir");
+    for explicit in [None, Some(empty.path().join("bin"))] {
+        let panicked = std::panic::catch_unwind(|| {
+            support::postgres::find_bindir(explicit.clone(), empty.path())
+        })
+        .err()
+        .and_then(|p| p.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+        assert!(
+            panicked.contains("install Debian's postgresql (tests/run does)"),
+            "{explicit:?}: {panicked}"
+        );
+    }
+}
+
+/// Commits are durable whatever the server's default: the store asks for
+/// synchronous_commit on its own sessions.
+#[test]
+fn postgres_sessions_commit_synchronously() -> TestResult {
+    let pg = TestPostgres::start();
+    pg.admin()
+        .batch_execute("ALTER DATABASE mcp SET synchronous_commit = off")?;
+    let store = PostgresStore::open(&pg.url)?;
+    assert_eq!(store.setting("synchronous_commit")?, "on");
+    Ok(())
+}

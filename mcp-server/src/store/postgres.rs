@@ -401,6 +401,13 @@ impl PostgresStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
+        // An acknowledged bundle must be on disk: commits wait for the WAL flush even
+        // where the server's default says otherwise (synchronous_commit = off).
+        let options = match config.get_options() {
+            Some(o) => format!("{o} -c synchronous_commit=on"),
+            None => "-c synchronous_commit=on".to_owned(),
+        };
+        config.options(&options);
         if config.get_application_name().is_none() {
             config.application_name("mcp-server");
         }
@@ -461,6 +468,15 @@ impl PostgresStore {
             store: self,
             client: Some(client),
         })
+    }
+
+    /// The value of a server setting in this store's sessions (e.g. `synchronous_commit`).
+    pub fn setting(&self, name: &str) -> Result<String> {
+        let row = self
+            .conn()?
+            .query_one("SELECT current_setting($1)", &[&name])
+            .map_err(db)?;
+        row.try_get(0).map_err(db)
     }
 
     fn migrate(&self) -> Result<()> {

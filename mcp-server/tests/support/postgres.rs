@@ -27,12 +27,20 @@ pub struct TestPostgres {
 }
 
 fn bindir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("MCP_TEST_PG_BINDIR") {
-        let dir = PathBuf::from(dir);
+    find_bindir(
+        std::env::var_os("MCP_TEST_PG_BINDIR").map(PathBuf::from),
+        Path::new("/usr/lib/postgresql"),
+    )
+}
+
+/// `explicit`, else the newest `<root>/<version>/bin` holding initdb and pg_ctl;
+/// panics with [`MISSING`] when there is none.
+pub fn find_bindir(explicit: Option<PathBuf>, root: &Path) -> PathBuf {
+    if let Some(dir) = explicit {
         assert!(dir.join("initdb").is_file(), "{MISSING}");
         return dir;
     }
-    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir(root)
         .into_iter()
         .flatten()
         .flatten()

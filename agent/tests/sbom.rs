@@ -240,9 +240,13 @@ fn sbom_matches_nix_store_queries() -> TestResult {
     Ok(())
 }
 
-/// The virtualenv with cyclonedx-python-lib's validator, created under target/ when missing.
+/// The virtualenv with cyclonedx-python-lib's validator: tests/run's
+/// ($COMPLIANCE_TEST_VENV, from tests/python-requirements.txt), else one
+/// created under target/ when missing.
 fn validator() -> Result<PathBuf, Box<dyn std::error::Error>> {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/venv");
+    let venv = std::env::var_os("COMPLIANCE_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/venv"));
     let python = venv.join("bin/python");
     let check = |py: &Path| {
         Command::new(py)

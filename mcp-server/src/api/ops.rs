@@ -1,29 +1,97 @@
 //! The operator listener's router: JSON over HTTPS with bearer tokens. Each handler
 //! authenticates once into a `Caller`, calls the library, and maps the error.
+//!
+//! Routes and their OpenAPI document come from one declaration per handler
+//! (`#[utoipa::path]`, registered with `routes!`): a route cannot exist undocumented.
+//! The document is served at `/api/v1/openapi.json`.
 
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
-use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::{ApiError, ConnInfo, blocking};
 use crate::auth::{AuthError, Caller, token_hash};
 use crate::services::Services;
 
+/// Where the operator listener serves its OpenAPI document.
+pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "mcp-server operator API",
+        description = "The MSP's central server for compliance appliances: fleet status, enrollment tokens, hosts, orders and the audit log. JSON over HTTPS; every route but this document takes `Authorization: Bearer <operator token>` (`mcp-server users add` prints one). Errors are `{\"error\": \"...\"}` with the status.",
+    ),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "fleet", description = "Hosts, their chains and compliance state"),
+        (name = "enrollment", description = "One-time tokens boxes enroll with"),
+        (name = "orders", description = "Signed orders under the central guardrails"),
+        (name = "audit", description = "The append-only log of operator actions and refusals"),
+        (name = "meta", description = "This document"),
+    )
+)]
+struct ApiDoc;
+
+/// The `bearer` security scheme the operations name.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("An operator token (`mcp-server users add`)"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// Every operator route with its documentation.
+fn documented() -> OpenApiRouter<Services> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(status))
+        .routes(routes!(hosts))
+        .routes(routes!(host))
+        .routes(routes!(revoke))
+        .routes(routes!(token_create))
+        .routes(routes!(orders, order_create))
+        .routes(routes!(order_approve))
+        .routes(routes!(audit))
+        .routes(routes!(openapi_json))
+}
+
+/// The operator API's OpenAPI document, as generated from the routes.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    documented().into_openapi()
+}
+
 pub fn router(svc: Services) -> Router {
-    Router::new()
-        .route("/api/v1/ops/status", get(status))
-        .route("/api/v1/ops/hosts", get(hosts))
-        .route("/api/v1/ops/hosts/{site}/{host}", get(host))
-        .route("/api/v1/ops/hosts/{site}/{host}/revoke", post(revoke))
-        .route("/api/v1/ops/tokens", post(token_create))
-        .route("/api/v1/ops/orders", get(orders).post(order_create))
-        .route("/api/v1/ops/orders/{order_id}/approve", post(order_approve))
-        .route("/api/v1/ops/audit", get(audit))
+    let (router, _) = documented().split_for_parts();
+    router
         .fallback(|| async { ApiError::new(404, "no such operator route") })
         .with_state(svc)
+}
+
+/// This document (no token needed: it describes, it holds nothing).
+#[utoipa::path(
+    get,
+    path = "/api/v1/openapi.json",
+    tag = "meta",
+    responses((status = 200, description = "The OpenAPI 3.1 document of the operator API", body = Value))
+)]
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(openapi())
 }
 
 /// The operator a bearer token names; a missing or wrong token is refused and audited.
@@ -73,6 +141,16 @@ fn err(status: u16, e: impl std::fmt::Display) -> ApiError {
     ApiError::new(status, e.to_string())
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/ops/status",
+    tag = "fleet",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Hosts, overdue hosts and intake counters", body = Value),
+        (status = 401, description = "Missing or wrong operator token", body = Value),
+    )
+)]
 async fn status(
     State(svc): State<Services>,
     Extension(info): Extension<ConnInfo>,
@@ -89,6 +167,16 @@ async fn status(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/ops/hosts",
+    tag = "fleet",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Every host the caller may see: chain, gaps, last seen, overdue, score", body = Value),
+        (status = 401, description = "Missing or wrong operator token", body = Value),
+    )
+)]
 async fn hosts(
     State(svc): State<Services>,
     Extension(info): Extension<ConnInfo>,
@@ -101,6 +189,21 @@ async fn hosts(
     Ok(Json(json!({ "hosts": fleet })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/ops/hosts/{site}/{host}",
+    tag = "fleet",
+    security(("bearer" = [])),
+    params(
+        ("site" = String, Path, description = "Site id"),
+        ("host" = String, Path, description = "Host id"),
+    ),
+    responses(
+        (status = 200, description = "One host: chain, gaps, latest result per check", body = Value),
+        (status = 401, description = "Missing or wrong operator token", body = Value),
+        (status = 404, description = "No such host among the caller's tenants", body = Value),
+    )
+)]
 async fn host(
     State(svc): State<Services>,
     Extension(info): Extension<ConnInfo>,
@@ -121,6 +224,21 @@ async fn host(
     .await?
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/ops/hosts/{site}/{host}/revoke",
+    tag = "fleet",
+    security(("bearer" = [])),
+    params(
+        ("site" = String, Path, description = "Site id"),
+        ("host" = String, Path, description = "Host id"),
+    ),
+    responses(
+        (status = 200, description = "Revoked: the host's certificate is refused from its next request on", body = Value),
+        (status = 401, description = "Missing or wrong operator token", body = Value),
+        (status = 403, description = "The caller may not revoke this host", body = Value),
+    )
+)]
 async fn revoke(
     State(svc): State<Services>,
     Extension(info): Extension<ConnInfo>,
@@ -136,13 +254,18 @@ async fn revoke(
     .await?
 }
 
-#[derive(Deserialize)]
+/// A token request.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TokenBody {
+    /// The site the box joins (made when new).
     site: String,
+    /// The site's reseller; none for a direct-mode site of the MSP.
     reseller: Option<String>,
+    /// How many boxes may enroll with it (default 1).
     #[serde(default = "one")]
     uses: u32,
+    /// Lifetime: 30m, 24h (default), 7d.
     #[serde(default = "day")]
     expires: String,
 }
@@ -153,6 +276,18 @@ fn day() -> String {
     "24h".into()
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/ops/tokens",
+    tag = "enrollment",
+    security(("bearer" = [])),
+    request_body(content = TokenBody, description = "The site, its reseller, uses and lifetime"),
+    responses(
+        (status = 200, description = "The token (shown once) with the CA fingerprint it carries", body = Value),
+        (status = 401, description = "Missing or wrong operator token", body = Value),
+        (status = 422, description = "A bad request, named", body = Value),
+    )
+)]
 async fn token_create(
     State(svc): State<Services>,
     Extension(info): Extension<ConnInfo>,
@@ -181,6 +316,17 @@ struct OrderQuery {
     host: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/ops/orders",
+    tag = "orders",
+    security(("bearer" = [])),
+    params(("host" = Option<String>, Query, description = "Only this SITE/HOST")),
+    responses(
+        (status = 200, description = "Orders, newest first, with their state and result", body = Value),
+        (status = 401, description = "Missing or wrong operator token", body = Value),
+    )
+)]
 async fn orders(
     State(svc): State<Services>,
     Extension(info): Extension<ConnInfo>,
@@ -198,16 +344,35 @@ async fn orders(
     .await?
 }
 
-#[derive(Deserialize)]
+/// An order request.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct OrderBody {
+    /// SITE/HOST
     host: String,
+    /// A runbook on the site's allowlist.
     runbook: String,
+    /// The runbook's parameters (a JSON object).
     #[serde(default)]
     params: Option<Value>,
+    /// Seconds the order is valid (within the configured bounds).
     ttl: Option<u64>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/ops/orders",
+    tag = "orders",
+    security(("bearer" = [])),
+    request_body(content = OrderBody, description = "Host, runbook, params, TTL"),
+    responses(
+        (status = 200, description = "Signed and pending, or (disruptive) awaiting a second operator", body = Value),
+        (status = 401, description = "Missing or wrong operator token", body = Value),
+        (status = 403, description = "Not on the site's allowlist, or the role may not order", body = Value),
+        (status = 422, description = "Bad params or TTL, named", body = Value),
+        (status = 429, description = "Cooldown: when the next order is allowed", body = Value),
+    )
+)]
 async fn order_create(
     State(svc): State<Services>,
     Extension(info): Extension<ConnInfo>,
@@ -235,6 +400,19 @@ async fn order_create(
     .await?
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/ops/orders/{order_id}/approve",
+    tag = "orders",
+    security(("bearer" = [])),
+    params(("order_id" = String, Path, description = "The order awaiting approval")),
+    responses(
+        (status = 200, description = "Approved by a second operator, signed now", body = Value),
+        (status = 401, description = "Missing or wrong operator token", body = Value),
+        (status = 403, description = "The creator may not approve their own order", body = Value),
+        (status = 404, description = "No such order awaiting approval", body = Value),
+    )
+)]
 async fn order_approve(
     State(svc): State<Services>,
     Extension(info): Extension<ConnInfo>,
@@ -255,6 +433,17 @@ struct AuditQuery {
     limit: Option<u32>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/ops/audit",
+    tag = "audit",
+    security(("bearer" = [])),
+    params(("limit" = Option<u32>, Query, description = "Newest entries to return (default 100, at most 10000)")),
+    responses(
+        (status = 200, description = "Audit entries the caller may read, newest first", body = Value),
+        (status = 401, description = "Missing or wrong operator token", body = Value),
+    )
+)]
 async fn audit(
     State(svc): State<Services>,
     Extension(info): Extension<ConnInfo>,

@@ -33,68 +33,23 @@ else if badPaths != [ ] then
 else if badAddresses != [ ] then
   throw "mcp-server-hardening: allowedAddresses must be IP addresses, CIDR prefixes or \"any\" (IPAddressAllow= takes no host names), got: ${builtins.toJSON badAddresses}"
 else
-  {
+  import ./sandbox.nix { inherit readWritePaths allowedAddresses; }
+  // {
     # Identity: a dynamic user with a fixed name. Nothing outside the state
     # directory belongs to it, and PostgreSQL's peer authentication sees the name.
     DynamicUser = true;
     User = user;
     Group = user;
 
+    # Keys, the CA, the database and the archive are private to the server.
     StateDirectory = stateDirectory;
     StateDirectoryMode = "0700";
-    # Keys, the CA, the database and the archive are private to the server.
-    UMask = "0077";
 
-    # Privileges: none.
-    NoNewPrivileges = true;
-    CapabilityBoundingSet = "";
-    AmbientCapabilities = "";
-    RestrictSUIDSGID = true;
-    SecureBits = "noroot-locked";
-
-    # File system: read-only except the state directory (and what is listed).
-    ProtectSystem = "strict";
-    ReadWritePaths = readWritePaths;
-    ProtectHome = true;
-    PrivateTmp = true;
-    PrivateDevices = true;
-    DevicePolicy = "closed";
-    PrivateMounts = true;
-    ProtectProc = "invisible";
+    # Only its own processes in /proc: the server reads nothing else there.
     ProcSubset = "pid";
-    ProtectKernelTunables = true;
-    ProtectKernelModules = true;
-    ProtectKernelLogs = true;
-    ProtectControlGroups = true;
-    ProtectClock = true;
-    ProtectHostname = true;
-    PrivateUsers = true;
-    KeyringMode = "private";
-    RemoveIPC = true;
 
-    # Network: AF_INET/AF_INET6 for both listeners and the S3 endpoint; AF_UNIX
-    # for the journal and PostgreSQL's socket.
-    RestrictAddressFamilies = [
-      "AF_UNIX"
-      "AF_INET"
-      "AF_INET6"
-    ];
-    IPAddressDeny = "any";
-    IPAddressAllow = [ "localhost" ] ++ allowedAddresses;
-
-    # Kernel surface.
-    RestrictNamespaces = true;
-    LockPersonality = true;
-    MemoryDenyWriteExecute = true;
-    RestrictRealtime = true;
-    SystemCallArchitectures = "native";
-    SystemCallFilter = [
-      "@system-service"
-      "~@privileged"
-      "~@resources"
-    ];
-    SystemCallErrorNumber = "EPERM";
-
-    # Many boxes hold a connection each (the server caps them itself).
+    # Its TCP/IP is both listeners and the S3 endpoint; AF_UNIX the journal
+    # and PostgreSQL's socket. Many boxes hold a connection each (the server
+    # caps them itself).
     LimitNOFILE = 65536;
   }

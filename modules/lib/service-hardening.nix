@@ -41,7 +41,8 @@ else if badPaths != [ ] then
 else if badAddresses != [ ] then
   throw "service-hardening: allowedAddresses must be IP addresses or CIDR prefixes (IPAddressAllow= takes no host names), got: ${builtins.toJSON badAddresses}"
 else
-  {
+  import ./sandbox.nix { inherit readWritePaths allowedAddresses; }
+  // {
     # Identity: a dedicated static user rather than DynamicUser, because the
     # polkit rule must name a stable user and the evidence must stay owned by
     # the same uid across restarts.
@@ -49,70 +50,18 @@ else
     Group = group;
     SupplementaryGroups = supplementaryGroups;
 
+    # Evidence and keys are created private (the base's UMask 0077); the
+    # evidence directory is read by root (auditors, exports), never by others.
     StateDirectory = stateDirectory;
     StateDirectoryMode = "0750";
     RuntimeDirectory = runtimeDirectory;
     RuntimeDirectoryMode = "0750";
-    # Evidence and keys are created private; the evidence directory is read by
-    # root (auditors, exports), never by other users.
-    UMask = "0077";
 
-    # Privileges: none. No capability is kept (see the header).
-    NoNewPrivileges = true;
-    CapabilityBoundingSet = "";
-    AmbientCapabilities = "";
-    RestrictSUIDSGID = true;
-    SecureBits = "noroot-locked";
-
-    # File system: everything read-only except the state, runtime and listed
-    # directories. Read access to /nix/var/nix/profiles, /run/current-system,
-    # /proc/self/mountinfo, /proc/swaps and /sys/block stays (the patching and
-    # encryption checks read them).
-    ProtectSystem = "strict";
-    ReadWritePaths = readWritePaths;
-    ProtectHome = true;
-    PrivateTmp = true;
-    PrivateDevices = true;
-    DevicePolicy = "closed";
-    PrivateMounts = true;
-    ProtectProc = "invisible";
-    # ProcSubset stays "all": the encryption check reads /proc/swaps, which
-    # ProcSubset=pid would hide.
-    ProtectKernelTunables = true;
-    ProtectKernelModules = true;
-    ProtectKernelLogs = true;
-    ProtectControlGroups = true;
-    ProtectClock = true;
-    ProtectHostname = true;
-    # The agent runs in its own user namespace: uid 0 does not exist there.
-    # D-Bus and polkit still see the real uid (the kernel translates peer
-    # credentials), so the polkit rule keeps working.
-    PrivateUsers = true;
-    KeyringMode = "private";
-    RemoveIPC = true;
-
-    # Network: AF_UNIX for the system bus (systemd, polkit), the journal and
-    # the clamd socket; AF_INET/AF_INET6 for the MCP over mTLS and chronyd's
-    # read-only monitoring port on localhost (UDP 323). No AF_NETLINK: the
-    # nftables ruleset is exported by a root oneshot instead.
-    RestrictAddressFamilies = [
-      "AF_UNIX"
-      "AF_INET"
-      "AF_INET6"
-    ];
-    IPAddressDeny = "any";
-    IPAddressAllow = [ "localhost" ] ++ allowedAddresses;
-
-    # Kernel surface.
-    RestrictNamespaces = true;
-    LockPersonality = true;
-    MemoryDenyWriteExecute = true;
-    RestrictRealtime = true;
-    SystemCallArchitectures = "native";
-    SystemCallFilter = [
-      "@system-service"
-      "~@privileged"
-      "~@resources"
-    ];
-    SystemCallErrorNumber = "EPERM";
+    # What the base leaves for the agent's checks: read access to
+    # /nix/var/nix/profiles, /run/current-system, /proc/self/mountinfo,
+    # /proc/swaps and /sys/block (patching and encryption); ProcSubset stays
+    # "all", as ProcSubset=pid would hide /proc/swaps. The MCP over mTLS and
+    # chronyd's monitoring port on localhost (UDP 323) are its TCP/IP; the
+    # system bus, the journal and the clamd socket its AF_UNIX. No AF_NETLINK:
+    # the nftables ruleset is exported by a root oneshot instead.
   }

@@ -258,7 +258,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Keygen { out, json } => keygen(&out, json),
         Command::Enroll { server, token } => {
-            let config = Config::load(cli.config.as_deref())?;
+            // The files enrollment writes may not exist yet.
+            let config = Config::load_for_enrollment(cli.config.as_deref())?;
             let pubkey = load_signing_key(&config)?.verifying_key().to_spki_pem()?;
             let files = crate::enroll::EnrollFiles::from_config(&config);
             let e = crate::enroll::enroll(&server, &token, &config.host_id, &pubkey, &files)?;

@@ -216,6 +216,25 @@ const KEYS: &[(&str, Kind)] = &[
     ("order_runbook_allowlist", Kind::List),
 ];
 
+/// Which configured files must already exist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileChecks {
+    /// Every configured file exists (what `run`, `scan` and the rest need).
+    All,
+    /// Before `enroll`: the CA, client certificate, client key and order key
+    /// it is about to write may be missing (a box's configuration names them
+    /// before its first enrollment); anything else in their place is still an error.
+    BeforeEnrollment,
+}
+
+/// The files `compliance-agent enroll` writes.
+pub const ENROLLMENT_FILES: &[&str] = &[
+    "ca_cert_file",
+    "client_cert_file",
+    "client_key_file",
+    "mcp_order_pubkey_file",
+];
+
 /// Where the configuration came from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", content = "path", rename_all = "snake_case")]
@@ -337,6 +356,20 @@ impl Config {
     }
 
     pub fn load_with(path: Option<&Path>, env: &dyn Env) -> Result<Self, ConfigError> {
+        Self::load_checked(path, env, FileChecks::All)
+    }
+
+    /// Loads as [`Config::load`] does, for `enroll`: the files enrollment
+    /// writes need not exist yet ([`FileChecks::BeforeEnrollment`]).
+    pub fn load_for_enrollment(path: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_checked(path, &ProcessEnv, FileChecks::BeforeEnrollment)
+    }
+
+    fn load_checked(
+        path: Option<&Path>,
+        env: &dyn Env,
+        checks: FileChecks,
+    ) -> Result<Self, ConfigError> {
         let from_env = env
             .var(CONFIG_ENV)
             .filter(|v| !v.is_empty())
@@ -347,14 +380,24 @@ impl Config {
                     path: path.clone(),
                     source,
                 })?;
-                Self::from_toml(&text, ConfigSource::File(path), env)
+                Self::from_toml_checked(&text, ConfigSource::File(path), env, checks)
             }
-            None => Self::from_toml("", ConfigSource::Embedded, env),
+            None => Self::from_toml_checked("", ConfigSource::Embedded, env, checks),
         }
     }
 
     /// Parses TOML text, applies the environment and validates.
     pub fn from_toml(text: &str, source: ConfigSource, env: &dyn Env) -> Result<Self, ConfigError> {
+        Self::from_toml_checked(text, source, env, FileChecks::All)
+    }
+
+    /// [`Config::from_toml`] with the given file checks.
+    pub fn from_toml_checked(
+        text: &str,
+        source: ConfigSource,
+        env: &dyn Env,
+        checks: FileChecks,
+    ) -> Result<Self, ConfigError> {
         let parse_err = |message: String| ConfigError::Parse {
             path: match &source {
                 ConfigSource::File(p) => p.clone(),
@@ -367,7 +410,7 @@ impl Config {
             .map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
         apply_env(&mut table, env)?;
         let raw = RawConfig::deserialize(table).map_err(|e| parse_err(e.to_string()))?;
-        resolve(raw, source, env)
+        resolve(raw, source, env, checks)
     }
 
     /// Whether a missing signing key may be created on first use (only for the local default).
@@ -525,7 +568,12 @@ fn require_file(key: &str, path: &Path, what: &str, issues: &mut Issues) {
     }
 }
 
-fn resolve(raw: RawConfig, source: ConfigSource, env: &dyn Env) -> Result<Config, ConfigError> {
+fn resolve(
+    raw: RawConfig,
+    source: ConfigSource,
+    env: &dyn Env,
+    checks: FileChecks,
+) -> Result<Config, ConfigError> {
     let mut issues = Issues(Vec::new());
     let embedded = source == ConfigSource::Embedded;
 
@@ -663,7 +711,13 @@ fn resolve(raw: RawConfig, source: ConfigSource, env: &dyn Env) -> Result<Config
         ),
     ] {
         if let Some(path) = value {
-            require_file(key, path, what, &mut issues);
+            let to_be_written = checks == FileChecks::BeforeEnrollment
+                && ENROLLMENT_FILES.contains(&key)
+                && std::fs::symlink_metadata(path)
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound);
+            if !to_be_written {
+                require_file(key, path, what, &mut issues);
+            }
         }
     }
 
@@ -912,6 +966,64 @@ mod tests {
             Err(ConfigError::Invalid(issues)) => issues,
             other => panic!("expected validation issues, got {other:?}"),
         }
+    }
+
+    /// Invariant: before enrollment the files enroll writes may be missing,
+    /// and only those; something else in their place is an error either way.
+    #[test]
+    fn enrollment_may_precede_its_files() {
+        let f = Fixture::new();
+        let dir = f.dir.path().display().to_string();
+        let mcp = format!(
+            "mcp_url = \"https://mcp.example:8443\"\nca_cert_file = \"{dir}/ca.pem\"\n\
+             client_cert_file = \"{dir}/client.pem\"\nclient_key_file = \"{dir}/client.key\"\n\
+             mcp_order_pubkey_file = \"{dir}/order.pub.pem\"\n"
+        );
+        let text = format!("{}{mcp}", f.base());
+        let source = || ConfigSource::File("test.toml".into());
+        let missing: Vec<String> = issues(Config::from_toml(&text, source(), &env(&[])))
+            .into_iter()
+            .map(|i| i.key)
+            .collect();
+        for key in ENROLLMENT_FILES {
+            assert!(
+                missing.iter().any(|k| k == key),
+                "{key} is required to exist for the service: {missing:?}"
+            );
+        }
+        Config::from_toml_checked(&text, source(), &env(&[]), FileChecks::BeforeEnrollment)
+            .expect("before enrollment the files it writes may be missing");
+
+        std::fs::create_dir(f.dir.path().join("client.pem")).expect("mkdir");
+        let wrong: Vec<String> = issues(Config::from_toml_checked(
+            &text,
+            source(),
+            &env(&[]),
+            FileChecks::BeforeEnrollment,
+        ))
+        .into_iter()
+        .map(|i| i.key)
+        .collect();
+        assert_eq!(
+            wrong,
+            ["client_cert_file"],
+            "a directory where the certificate goes is refused"
+        );
+
+        let no_key = text.replace(&f.key(), &format!("{dir}/absent.key"));
+        let keyless: Vec<String> = issues(Config::from_toml_checked(
+            &no_key,
+            source(),
+            &env(&[]),
+            FileChecks::BeforeEnrollment,
+        ))
+        .into_iter()
+        .map(|i| i.key)
+        .collect();
+        assert!(
+            keyless.contains(&"signing_key_file".to_owned()),
+            "the signing key must exist to enroll: {keyless:?}"
+        );
     }
 
     #[test]

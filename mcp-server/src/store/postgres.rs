@@ -134,6 +134,17 @@ fn is_unique_violation(e: &postgres::Error) -> bool {
     e.code() == Some(&SqlState::UNIQUE_VIOLATION)
 }
 
+/// An error mapper for an INSERT: a unique violation becomes `taken()`, anything else `db`.
+fn unique_or_db(taken: impl FnOnce() -> StoreError) -> impl FnOnce(postgres::Error) -> StoreError {
+    move |e| {
+        if is_unique_violation(&e) {
+            taken()
+        } else {
+            db(e)
+        }
+    }
+}
+
 fn micros(t: Timestamp) -> i64 {
     t.as_microsecond()
 }
@@ -382,7 +393,7 @@ fn insert_host(c: &mut impl GenericClient, host: &Host) -> Result<()> {
         "INSERT INTO hosts (site_id, host_id, evidence_pubkey_pem, cert_serial, enrolled_at, revoked_at, scan_interval_sec, last_seen) VALUES ($1, $2, $3, $4, $5, NULL, $6, NULL)",
         &[&host.site_id, &host.host_id, &host.evidence_pubkey_pem, &host.cert_serial, &micros(host.enrolled_at), &interval],
     )
-    .map_err(|e| if is_unique_violation(&e) { exists() } else { db(e) })?;
+    .map_err(unique_or_db(exists))?;
     Ok(())
 }
 
@@ -646,13 +657,7 @@ impl Store for PostgresStore {
             "INSERT INTO enrollment_tokens (secret_hash, token_id, site_id, uses_left, expires_at, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
             &[&&token.secret_hash[..], &token.token_id, &token.site_id, &i64::from(token.uses_left), &micros(token.expires_at), &token.created_by, &micros(token.created_at)],
         )
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::Exists(format!("enrollment token {}", token.token_id))
-            } else {
-                db(e)
-            }
-        })?;
+        .map_err(unique_or_db(|| StoreError::Exists(format!("enrollment token {}", token.token_id))))?;
         Ok(())
     }
 
@@ -857,13 +862,7 @@ impl Store for PostgresStore {
                         &micros(record.timestamp_end), &micros(record.received_at), &record.archive_key, &record.order_id,
                     ],
                 )
-                .map_err(|e| {
-                    if is_unique_violation(&e) {
-                        StoreError::BundleConflict(record.bundle_id.clone())
-                    } else {
-                        db(e)
-                    }
-                })?;
+                .map_err(unique_or_db(|| StoreError::BundleConflict(record.bundle_id.clone())))?;
                 tx.execute(
                     "INSERT INTO latest_results (site_id, host_id, check_name, outcome, bundle_id, timestamp_end) VALUES ($1, $2, $3, $4, $5, $6)
                      ON CONFLICT (site_id, host_id, check_name) DO UPDATE SET outcome = EXCLUDED.outcome, bundle_id = EXCLUDED.bundle_id, timestamp_end = EXCLUDED.timestamp_end
@@ -953,13 +952,7 @@ impl Store for PostgresStore {
                 &order.created_by, &micros(order.created_at), &order.approved_by,
             ],
         )
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::Exists(format!("order {}", order.order_id))
-            } else {
-                db(e)
-            }
-        })?;
+        .map_err(unique_or_db(|| StoreError::Exists(format!("order {}", order.order_id))))?;
         Ok(())
     }
 
@@ -1073,13 +1066,7 @@ impl Store for PostgresStore {
                     &operator.disabled,
                 ],
             )
-            .map_err(|e| {
-                if is_unique_violation(&e) {
-                    StoreError::Exists(format!("operator {}", operator.name))
-                } else {
-                    db(e)
-                }
-            })?;
+            .map_err(unique_or_db(|| StoreError::Exists(format!("operator {}", operator.name))))?;
         Ok(())
     }
 

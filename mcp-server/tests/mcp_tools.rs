@@ -354,6 +354,8 @@ fn read_only_tools_answer(transport: Transport) -> TestResult {
             call("list_evidence", json!({ "host": ACME_HOST, "outcome": "failed" })),
             call("show_bundle", json!({ "bundle_id": bundle })),
             call("verify_chain", json!({ "host": ACME_HOST })),
+            { "op": "list_resource_templates" },
+            { "op": "read_resource", "uri": format!("bundle://{bundle}") },
         ]),
     );
     assert_eq!(
@@ -449,6 +451,39 @@ fn read_only_tools_answer(transport: Transport) -> TestResult {
         (&chain["ok"], &chain["checked"], &chain["valid"]),
         (&json!(true), &json!(7), &json!(7)),
         "{chain}"
+    );
+
+    assert_eq!(
+        r[7]["templates"][0]["uriTemplate"], "bundle://{bundle_id}",
+        "{}",
+        r[7]
+    );
+    let contents = r[8]["contents"].as_array().ok_or("contents")?;
+    let record = w
+        .server
+        .svc()
+        .store
+        .bundle(&Caller::local("test"), bundle)?
+        .ok_or("indexed")?;
+    let archived = std::fs::read(
+        state_dir(&w.server)
+            .join("archive")
+            .join(&record.archive_key)
+            .join("bundle.json"),
+    )?;
+    assert_eq!(
+        contents[0]["text"].as_str().map(str::as_bytes),
+        Some(&archived[..]),
+        "the resource is bundle.json byte for byte"
+    );
+    let status: Value = serde_json::from_str(contents[1]["text"].as_str().ok_or("text")?)?;
+    assert_eq!(
+        (
+            &status["verification"]["signature"],
+            &status["tenant"]["reseller_id"]
+        ),
+        (&json!("valid"), &json!("acme")),
+        "its signature status and tenant: {status}"
     );
 
     // Each call is in the audit log with its tool, arguments and outcome.
@@ -603,6 +638,7 @@ fn reseller_token_cannot_see_another_resellers_host() -> TestResult {
                 call("fleet_status", json!({ "site": "clinic-1" })),
                 call("show_host", json!({ "host": "clinic-1/no-such-host" })),
                 call("show_bundle", json!({ "bundle_id": w.globex_bundles[1] })),
+                { "op": "read_resource", "uri": format!("bundle://{acme_bundle}") },
             ]),
         );
         let r = answer["results"].as_array().ok_or("results")?;
@@ -635,6 +671,14 @@ fn reseller_token_cannot_see_another_resellers_host() -> TestResult {
                 "{transport:?} {what} names nothing of the other tenant: {text}"
             );
         }
+        let unread = &r[9]["protocol_error"];
+        assert!(
+            unread["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("not found among your tenants")),
+            "{transport:?}: another reseller's bundle is no resource: {}",
+            r[9]
+        );
         let own = ok(&r[8], "its own bundle");
         assert_eq!(own["verification"]["ok"], true, "{own}");
         assert_eq!(own["tenant"]["reseller_id"], "globex", "{own}");
@@ -653,8 +697,8 @@ fn reseller_token_cannot_see_another_resellers_host() -> TestResult {
     };
     assert_eq!(
         refused("mcp."),
-        14,
-        "seven refusals per transport, each audited"
+        16,
+        "eight refusals per transport (seven tools, one resource), each audited"
     );
     assert_eq!(
         refused("order.create:"),
@@ -858,6 +902,22 @@ fn tampered_or_missing_archived_evidence_is_named() -> TestResult {
             && problems.contains("seq 5: bundle ")
             && problems.contains("missing from the archive"),
         "each is named: {problems}"
+    );
+    Ok(())
+}
+
+/// Invariant: the Python driver passes pyflakes (tests/run installs pyflakes3).
+#[test]
+fn python_driver_is_lint_clean() -> TestResult {
+    let out = Command::new("pyflakes3")
+        .arg(driver())
+        .output()
+        .map_err(|e| format!("pyflakes3: {e}; apt-get install pyflakes3 (tests/run does)"))?;
+    assert!(
+        out.status.success(),
+        "pyflakes3: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
 }

@@ -300,27 +300,43 @@ pub(super) fn list_evidence(
     }))
 }
 
-pub(super) fn show_bundle(
+/// A stored bundle with what re-checking it found, and its archived bytes.
+pub(super) struct VerifiedBundle {
+    pub record: BundleRecord,
+    pub host: Host,
+    pub verification: Verification,
+    pub json: Option<Vec<u8>>,
+}
+
+impl VerifiedBundle {
+    /// The answer about it, without bundle.json itself.
+    pub fn summary(&self, caller: &Caller) -> Value {
+        json!({
+            "caller": caller_json(caller),
+            "host": format!("{}/{}", self.record.site_id, self.record.host_id),
+            "tenant": tenant_json(self.host.reseller_id.as_deref(), &self.host.site_id),
+            "record": record_summary(&self.record),
+            "verification": self.verification,
+        })
+    }
+}
+
+/// Finds a bundle among the caller's tenants and verifies it against the archive.
+pub(super) fn verified_bundle(
     svc: &Services,
     caller: &Caller,
-    args: ShowBundleArgs,
-) -> Result<Value, ToolError> {
-    let not_found = || {
-        ToolError::NotFound(format!(
-            "not found among your tenants: bundle {}",
-            args.bundle_id
-        ))
-    };
-    if !crate::valid_id(&args.bundle_id) {
+    tool: &'static str,
+    bundle_id: &str,
+) -> Result<VerifiedBundle, ToolError> {
+    let not_found =
+        || ToolError::NotFound(format!("not found among your tenants: bundle {bundle_id}"));
+    if !crate::valid_id(bundle_id) {
         return Err(ToolError::Arguments {
-            tool: "show_bundle",
-            reason: format!("{:?} is not a bundle id", args.bundle_id),
+            tool,
+            reason: format!("{bundle_id:?} is not a bundle id"),
         });
     }
-    let record = svc
-        .store
-        .bundle(caller, &args.bundle_id)?
-        .ok_or_else(not_found)?;
+    let record = svc.store.bundle(caller, bundle_id)?.ok_or_else(not_found)?;
     let host = svc
         .store
         .host(caller, &record.site_id, &record.host_id)?
@@ -337,18 +353,27 @@ pub(super) fn show_bundle(
         n.previous.as_ref(),
         n.next.as_ref(),
     )?;
-    let bundle: Value = json
+    Ok(VerifiedBundle {
+        record,
+        host,
+        verification,
+        json,
+    })
+}
+
+pub(super) fn show_bundle(
+    svc: &Services,
+    caller: &Caller,
+    args: ShowBundleArgs,
+) -> Result<Value, ToolError> {
+    let found = verified_bundle(svc, caller, "show_bundle", &args.bundle_id)?;
+    let mut answer = found.summary(caller);
+    answer["bundle"] = found
+        .json
         .as_deref()
         .and_then(|j| serde_json::from_slice(j).ok())
         .unwrap_or(Value::Null);
-    Ok(json!({
-        "caller": caller_json(caller),
-        "host": format!("{}/{}", record.site_id, record.host_id),
-        "tenant": tenant_json(host.reseller_id.as_deref(), &host.site_id),
-        "record": record_summary(&record),
-        "verification": verification,
-        "bundle": bundle,
-    }))
+    Ok(answer)
 }
 
 pub(super) fn verify_chain(

@@ -11,6 +11,7 @@
 mod evidence;
 mod fleet;
 mod orders;
+mod resources;
 
 use std::sync::Arc;
 
@@ -19,7 +20,8 @@ use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::tool::ToolCallContext;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
-    JsonObject, ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
+    JsonObject, ListResourceTemplatesResult, ListToolsResult, PaginatedRequestParams,
+    ReadResourceRequestParams, ReadResourceResponse, ServerCapabilities, ServerConfig, Tool,
 };
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData, RoleServer, ServerHandler};
@@ -195,17 +197,14 @@ impl McpTools {
                     reason: e.to_string(),
                 })
                 .and_then(|parsed| f(&svc, &caller, parsed));
-            let entry = AuditEntry {
-                id: 0,
-                at: Timestamp::now(),
-                actor: caller.actor.clone(),
-                peer: caller.peer.clone(),
-                action: format!("mcp.{tool}"),
-                target: audit_target(&args),
-                outcome: if result.is_ok() { "ok" } else { "refused" }.into(),
-                detail: audit_detail(&args, result.as_ref().err()),
-            };
-            if let Err(e) = svc.store.append_audit(&entry) {
+            let audited = append_audit(
+                &svc,
+                &caller,
+                tool,
+                &args,
+                result.as_ref().err().map(ToString::to_string),
+            );
+            if let Err(e) = audited {
                 tracing::error!(error = %e, tool, "cannot append to the audit log");
                 return CallToolResult::error(vec![ContentBlock::text(format!(
                     "the audit log is unavailable ({e}); the answer is withheld{}",
@@ -223,6 +222,27 @@ impl McpTools {
         })
         .await
     }
+}
+
+/// One audit entry for a call: `mcp.ACTION`, the target its arguments name, the
+/// arguments, and the refusal's reason if refused.
+fn append_audit(
+    svc: &Services,
+    caller: &Caller,
+    action: &str,
+    args: &Value,
+    refusal: Option<String>,
+) -> Result<i64, StoreError> {
+    svc.store.append_audit(&AuditEntry {
+        id: 0,
+        at: Timestamp::now(),
+        actor: caller.actor.clone(),
+        peer: caller.peer.clone(),
+        action: format!("mcp.{action}"),
+        target: audit_target(args),
+        outcome: if refusal.is_some() { "refused" } else { "ok" }.into(),
+        detail: audit_detail(args, refusal.as_deref()),
+    })
 }
 
 /// The input schema of a tool from its argument type (a bug here fails the unit tests).
@@ -279,14 +299,14 @@ pub fn serve_stdio(
 
 /// What the audit entry is about: the host or bundle named by the arguments.
 fn audit_target(args: &Value) -> String {
-    ["host", "bundle_id", "site"]
+    ["host", "bundle_id", "site", "uri"]
         .iter()
         .find_map(|k| args.get(k).and_then(Value::as_str))
         .map(|s| s.chars().take(200).collect())
         .unwrap_or_else(|| "-".into())
 }
 
-fn audit_detail(args: &Value, error: Option<&ToolError>) -> String {
+fn audit_detail(args: &Value, error: Option<&str>) -> String {
     let mut arguments = args.to_string();
     if arguments.len() > AUDIT_ARGS_MAX {
         let mut cut = AUDIT_ARGS_MAX;
@@ -346,7 +366,12 @@ impl ServerHandler for McpTools {
         } else {
             "request_order goes through the central guardrails (allowlist, cooldown, TTL); a disruptive runbook waits for a second operator, whom no tool can replace."
         };
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_resources()
+                .build(),
+        )
             .with_server_info(Implementation::new("mcp-server", env!("CARGO_PKG_VERSION")))
             .with_instructions(format!(
                 "Tools of the MSP's compliance server: fleet status, hosts, their signed evidence and its verification. Every answer is limited to the tenants of your operator token and names them; every call is audited. {mode}"
@@ -362,6 +387,43 @@ impl ServerHandler for McpTools {
             tools: self.router.list_all(),
             ..Default::default()
         })
+    }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourceTemplatesResult, ErrorData> {
+        Ok(resources::templates())
+    }
+
+    async fn read_resource(
+        &self,
+        request: ReadResourceRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, ErrorData> {
+        let caller = self.caller(&context).await?;
+        let svc = self.svc.clone();
+        blocking(move || {
+            let result = resources::read(&svc, &caller, &request.uri);
+            let args = json!({ "uri": request.uri });
+            let refusal = result.as_ref().err().map(ToString::to_string);
+            if let Err(e) = append_audit(&svc, &caller, "read_resource", &args, refusal) {
+                tracing::error!(error = %e, "cannot append to the audit log");
+                return Err(ErrorData::internal_error(
+                    format!("the audit log is unavailable ({e}); the answer is withheld"),
+                    None,
+                ));
+            }
+            match result {
+                Ok(r) => Ok(r.into()),
+                Err(e @ (ToolError::NotFound(_) | ToolError::Arguments { .. })) => {
+                    Err(ErrorData::resource_not_found(e.to_string(), None))
+                }
+                Err(e) => Err(ErrorData::internal_error(e.to_string(), None)),
+            }
+        })
+        .await?
     }
 
     fn get_tool(&self, name: &str) -> Option<Tool> {
@@ -389,19 +451,10 @@ impl ServerHandler for McpTools {
                 request.name.to_string(),
                 Value::Object(request.arguments.clone().unwrap_or_default()),
             );
-            let detail = format!("{}; {reason}", audit_detail(&args, None));
+            let refusal = reason.clone();
             blocking(move || {
-                let entry = AuditEntry {
-                    id: 0,
-                    at: Timestamp::now(),
-                    actor: caller.actor.clone(),
-                    peer: caller.peer.clone(),
-                    action: format!("mcp.{}", name.chars().take(64).collect::<String>()),
-                    target: audit_target(&args),
-                    outcome: "refused".into(),
-                    detail,
-                };
-                if let Err(e) = svc.store.append_audit(&entry) {
+                let name: String = name.chars().take(64).collect();
+                if let Err(e) = append_audit(&svc, &caller, &name, &args, Some(refusal)) {
                     tracing::error!(error = %e, "cannot append to the audit log");
                 }
             })
@@ -421,7 +474,7 @@ mod tests {
     #[test]
     fn audit_detail_is_bounded_and_names_the_refusal() {
         let long = json!({ "host": "a/b", "params": { "x": "é".repeat(5000) } });
-        let d = audit_detail(&long, Some(&ToolError::Refused("cooldown".into())));
+        let d = audit_detail(&long, Some("cooldown"));
         assert!(d.len() < AUDIT_ARGS_MAX + 100, "bounded: {}", d.len());
         assert!(d.contains("...(cut)") && d.ends_with("; cooldown"), "{d}");
         assert_eq!(audit_target(&long), "a/b", "the host is the target");

@@ -9,6 +9,8 @@ comes back on stdout: this script only speaks the protocol, it decides nothing.
 The plan is {"steps": [...]}, each step one of
     {"op": "list_tools"}
     {"op": "call", "tool": NAME, "arguments": {...}}
+    {"op": "list_resource_templates"}
+    {"op": "read_resource", "uri": URI}
 The answer is {"initialize": {...}, "results": [...]}, one result per step.
 """
 
@@ -40,6 +42,12 @@ async def run_steps(session, plan):
             elif op == "call":
                 result = await session.call_tool(step["tool"], step.get("arguments"))
                 results.append({"result": dump(result)})
+            elif op == "list_resource_templates":
+                listed = await session.list_resource_templates()
+                results.append({"templates": [dump(t) for t in listed.resource_templates]})
+            elif op == "read_resource":
+                read = await session.read_resource(step["uri"])
+                results.append({"contents": [dump(c) for c in read.contents]})
             else:
                 raise ValueError(f"unknown op {op!r} in the plan")
         except MCPError as e:

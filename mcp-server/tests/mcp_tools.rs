@@ -708,14 +708,15 @@ fn reseller_token_cannot_see_another_resellers_host() -> TestResult {
     Ok(())
 }
 
-/// Invariant: a read-only server (CLI flag or `[mcp] read_only`) registers no mutating
-/// tool: none is listed, and calling one is refused, audited, and makes no order.
+/// Invariant: a read-only server (CLI flag, `[mcp] read_only`, or an auditor's token on
+/// stdio) registers no mutating tool: none is listed, and calling one is refused,
+/// audited, and makes no order.
 #[test]
 fn read_only_mode_lists_no_mutating_tool() -> TestResult {
-    let check = |w: &World, transport: Transport, extra: &[&str]| -> TestResult {
+    let check = |w: &World, token: &Path, transport: Transport, extra: &[&str]| -> TestResult {
         let answer = w.drive(
             transport,
-            &w.acme_token,
+            token,
             extra,
             json!([
                 { "op": "list_tools" },
@@ -752,10 +753,21 @@ fn read_only_mode_lists_no_mutating_tool() -> TestResult {
         Ok(())
     };
     let w = world();
-    check(&w, Transport::Stdio, &["--read-only"])?;
+    check(&w, &w.acme_token, Transport::Stdio, &["--read-only"])?;
+    // An auditor's role changes nothing: its stdio server is read-only without the flag.
+    let auditor = operator(
+        &w.server,
+        w.dir.path(),
+        "acme-auditor",
+        Role::Auditor,
+        Tenants::Sites {
+            site_ids: vec!["clinic-1".into()],
+        },
+    );
+    check(&w, &auditor, Transport::Stdio, &[])?;
     let ro = world_with(true);
-    check(&ro, Transport::Http, &[])?;
-    check(&ro, Transport::Stdio, &[])?;
+    check(&ro, &ro.acme_token, Transport::Http, &[])?;
+    check(&ro, &ro.acme_token, Transport::Stdio, &[])?;
     assert_eq!(w.orders() + ro.orders(), 0, "no order was made");
     let audited = |w: &World| {
         w.audit()
@@ -767,7 +779,7 @@ fn read_only_mode_lists_no_mutating_tool() -> TestResult {
             })
             .count()
     };
-    assert_eq!((audited(&w), audited(&ro)), (1, 2), "each refusal audited");
+    assert_eq!((audited(&w), audited(&ro)), (2, 2), "each refusal audited");
     Ok(())
 }
 

@@ -102,9 +102,9 @@ pub struct McpTools {
 
 impl McpTools {
     fn new(svc: Services, identity: Identity, read_only: bool) -> Self {
-        let mut router = Self::fleet_tools() + Self::evidence_tools();
+        let mut router = Self::read_only_tools();
         if !read_only {
-            router += Self::order_tools();
+            router += Self::mutating_tools();
         }
         Self {
             svc,
@@ -112,6 +112,16 @@ impl McpTools {
             read_only,
             router: Arc::new(router),
         }
+    }
+
+    /// The groups that change nothing. A new read-only group is one more `+` here.
+    fn read_only_tools() -> ToolRouter<Self> {
+        Self::fleet_tools() + Self::evidence_tools()
+    }
+
+    /// The groups that change things; a read-only server registers none of them.
+    fn mutating_tools() -> ToolRouter<Self> {
+        Self::order_tools()
     }
 
     /// For stdio: every call acts as the operator whose token this is.
@@ -261,8 +271,9 @@ pub fn serve_stdio(
     use rmcp::ServiceExt as _;
     let token = std::fs::read_to_string(token_file).map_err(crate::Error::io(token_file))?;
     let token = token.trim();
-    match svc.store.operator_by_token(&token_hash(token))? {
-        Some(op) if !op.disabled => {}
+    let read_only = match svc.store.operator_by_token(&token_hash(token))? {
+        // An auditor's role changes nothing, so its server lists nothing that would.
+        Some(op) if !op.disabled => read_only || op.role == crate::auth::Role::Auditor,
         _ => {
             crate::audit::record_anonymous(
                 &*svc.store,
@@ -276,7 +287,7 @@ pub fn serve_stdio(
                 token_file.display()
             )));
         }
-    }
+    };
     let tools = McpTools::for_token(svc, token, read_only);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -438,7 +449,7 @@ impl ServerHandler for McpTools {
         if !self.router.has_route(&request.name) {
             // Not registered (unknown, or mutating on a read-only server): refused and audited.
             let caller = self.caller(&context).await?;
-            let reason = if self.read_only && orders::MUTATING.contains(&request.name.as_ref()) {
+            let reason = if self.read_only && Self::mutating_tools().has_route(&request.name) {
                 format!(
                     "tool {} is not available: this server is read-only",
                     request.name
@@ -482,12 +493,12 @@ mod tests {
     }
 
     /// Invariant: the annotations tell the truth: every tool of the read-only groups says
-    /// read-only, every mutating one says so and is in `MUTATING` (what a read-only
-    /// server leaves out), and every schema refuses unknown arguments.
+    /// read-only, every tool of the mutating groups (what a read-only server leaves out)
+    /// says it changes things, and every schema refuses unknown arguments.
     #[test]
     fn annotations_say_which_tools_change_things() {
-        let read = (McpTools::fleet_tools() + McpTools::evidence_tools()).list_all();
-        let write = McpTools::order_tools().list_all();
+        let read = McpTools::read_only_tools().list_all();
+        let write = McpTools::mutating_tools().list_all();
         assert_eq!(read.len(), 5, "five read-only tools");
         for t in &read {
             let a = t.annotations.clone().expect("annotated");
@@ -497,14 +508,9 @@ mod tests {
                 "{}",
                 t.name
             );
-            assert!(!orders::MUTATING.contains(&t.name.as_ref()), "{}", t.name);
         }
         let names: Vec<&str> = write.iter().map(|t| t.name.as_ref()).collect();
-        assert_eq!(
-            names,
-            orders::MUTATING,
-            "every mutating tool is listed as such"
-        );
+        assert_eq!(names, [orders::REQUEST_ORDER], "the mutating tools");
         for t in &write {
             let a = t.annotations.clone().expect("annotated");
             assert_eq!(a.read_only_hint, Some(false), "{}", t.name);

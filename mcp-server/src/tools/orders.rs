@@ -18,9 +18,6 @@ use crate::store::OrderState;
 
 pub(super) const REQUEST_ORDER: &str = "request_order";
 
-/// Every tool that changes something; a read-only server registers none of them.
-pub(super) const MUTATING: &[&str] = &[REQUEST_ORDER];
-
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RequestOrderArgs {

@@ -51,6 +51,16 @@ pub enum Command {
     /// Operator accounts and their API tokens.
     #[command(subcommand)]
     Users(UsersCommand),
+    /// Serve the Model Context Protocol tools on stdin/stdout for an MCP client, as the
+    /// operator whose API token is in FILE (its scope and role; every call audited).
+    Mcp {
+        /// A file holding an operator token (`mcp-server users add` prints one).
+        #[arg(long, value_name = "FILE")]
+        token_file: PathBuf,
+        /// Register only the tools that change nothing (also `[mcp] read_only`).
+        #[arg(long)]
+        read_only: bool,
+    },
     /// The audit log, newest first.
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -593,6 +603,13 @@ pub fn run(cli: Cli) -> Result<()> {
                     );
                 }
             }
+        }
+        Command::Mcp {
+            token_file,
+            read_only,
+        } => {
+            let read_only = read_only || svc.config.mcp.read_only;
+            crate::tools::serve_stdio(svc, &token_file, read_only)?;
         }
         Command::Audit { limit, json } => {
             let entries = svc.store.audit(&caller, limit)?;

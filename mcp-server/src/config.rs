@@ -276,6 +276,9 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub orders: OrderPolicy,
+    /// The Model Context Protocol server (`[mcp]`).
+    #[serde(default)]
+    pub mcp: crate::tools::McpSettings,
 }
 
 impl Default for Config {
@@ -308,6 +311,7 @@ fn unreachable_default() -> Config {
         client_cert_days: default_client_cert_days(),
         limits: Limits::default(),
         orders: OrderPolicy::default(),
+        mcp: crate::tools::McpSettings::default(),
     }
 }
 

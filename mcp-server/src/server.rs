@@ -154,10 +154,14 @@ impl Running {
                 limits.clone(),
                 rx.clone(),
             ));
+            let mut operator_router = crate::api::ops::router(svc.clone());
+            if !svc.config.mcp.disable_http {
+                operator_router = operator_router.merge(crate::api::mcp::router(svc.clone()));
+            }
             tokio::spawn(crate::api::listener::serve(
                 ops,
                 operator_tls,
-                crate::api::ops::router(svc.clone()),
+                operator_router,
                 limits,
                 rx,
             ));

@@ -407,6 +407,145 @@ pub fn audit_is_append_only_and_operators_authenticate(store: &dyn Store) -> Tes
     Ok(())
 }
 
+/// Evidence queries: one host's bundles by check, outcome and time, newest first, in
+/// pages; every combination of filters over a generated chain answers exactly what a
+/// plain filter over the records would, and the caller's scope holds.
+pub fn evidence_query_filters_pages_and_scopes(store: &dyn Store) -> TestResult {
+    use mcp_server::store::evidence_query::{EvidenceFilter, MAX_EVIDENCE_PAGE};
+    store.put_site(&admin(), &site("s1", Some("acme")))?;
+    store.put_site(&admin(), &site("s2", Some("other")))?;
+    store.add_host(&admin(), &host("s1", "h1"))?;
+    store.add_host(&admin(), &host("s2", "h2"))?;
+    let base = Timestamp::from_second(1_800_000_000)?;
+    let checks = ["backup", "firewall", "patching"];
+    let outcomes = ["success", "failed", "alert"];
+    let mut all = Vec::new();
+    for seq in 1..=40u64 {
+        let prev = (seq > 1).then(|| format!("h{}", seq - 1));
+        let mut r = record("s1", "h1", seq, &format!("h{seq}"), prev.as_deref());
+        r.check = checks[(seq * 7 % 3) as usize].into();
+        r.outcome = outcomes[(seq * 5 % 3) as usize].into();
+        // Time order differs from seq order, so time filters are not seq filters.
+        r.timestamp_end = base + jiff::SignedDuration::from_mins((seq * 17 % 40) as i64);
+        store.record_bundle(&admin(), &r, None, None)?;
+        all.push(r);
+    }
+    // Another host's bundle never shows up.
+    store.record_bundle(&admin(), &record("s2", "h2", 1, "x1", None), None, None)?;
+    let at = |m: i64| Some(base + jiff::SignedDuration::from_mins(m));
+    let mut cases = 0;
+    for check in [None, Some("backup"), Some("firewall")] {
+        for outcome in [None, Some("failed"), Some("success")] {
+            for (since, until) in [
+                (None, None),
+                (at(10), None),
+                (None, at(25)),
+                (at(5), at(30)),
+            ] {
+                for before_seq in [None, Some(30), Some(1)] {
+                    for limit in [1, 3, 50] {
+                        let filter = EvidenceFilter {
+                            site_id: "s1".into(),
+                            host_id: "h1".into(),
+                            check: check.map(str::to_owned),
+                            outcome: outcome.map(str::to_owned),
+                            since,
+                            until,
+                            before_seq,
+                            limit,
+                        };
+                        let want: Vec<u64> = all
+                            .iter()
+                            .rev()
+                            .filter(|r| check.is_none_or(|c| r.check == c))
+                            .filter(|r| outcome.is_none_or(|o| r.outcome == o))
+                            .filter(|r| since.is_none_or(|t| r.timestamp_end >= t))
+                            .filter(|r| until.is_none_or(|t| r.timestamp_end < t))
+                            .filter(|r| before_seq.is_none_or(|b| r.seq < b))
+                            .take(limit as usize)
+                            .map(|r| r.seq)
+                            .collect();
+                        let got: Vec<u64> = store
+                            .evidence(&admin(), &filter)?
+                            .iter()
+                            .map(|r| r.seq)
+                            .collect();
+                        assert_eq!(got, want, "{filter:?}");
+                        cases += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(cases, 324, "every combination ran");
+    let page = |caller: &Caller, site: &str, host: &str, limit: u32| {
+        store.evidence(
+            caller,
+            &EvidenceFilter {
+                site_id: site.into(),
+                host_id: host.into(),
+                check: None,
+                outcome: None,
+                since: None,
+                until: None,
+                before_seq: None,
+                limit,
+            },
+        )
+    };
+    let full = page(&admin(), "s1", "h1", 50)?;
+    let (newest, last) = (full.first().ok_or("rows")?, all.last().ok_or("records")?);
+    assert_eq!(
+        (
+            &newest.bundle_id,
+            &newest.hash,
+            &newest.check,
+            &newest.outcome,
+            newest.timestamp_end
+        ),
+        (
+            &last.bundle_id,
+            &last.hash,
+            &last.check,
+            &last.outcome,
+            last.timestamp_end
+        ),
+        "whole records come back, newest first"
+    );
+    let acme = scoped(
+        Tenants::Reseller {
+            reseller_id: "acme".into(),
+        },
+        Role::ResellerOperator,
+    );
+    assert_eq!(page(&acme, "s1", "h1", 5)?.len(), 5, "its own host");
+    assert!(
+        matches!(page(&acme, "s2", "h2", 5), Err(StoreError::NotFound(_))),
+        "another reseller's host is not found"
+    );
+    assert!(
+        matches!(
+            page(&admin(), "s1", "nope", 5),
+            Err(StoreError::NotFound(_))
+        ),
+        "nor is a host that does not exist"
+    );
+    assert!(
+        matches!(
+            page(&Caller::host("s1", "h1", None), "s1", "h1", 5),
+            Ok(ref r) if r.len() == 5
+        ),
+        "a host sees its own"
+    );
+    for limit in [0, MAX_EVIDENCE_PAGE + 1] {
+        assert!(
+            page(&admin(), "s1", "h1", limit).is_err(),
+            "limit {limit} refused, not truncated"
+        );
+    }
+    Ok(())
+}
+
 macro_rules! conformance {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -435,6 +574,11 @@ macro_rules! conformance {
             fn audit_is_append_only_and_operators_authenticate() -> TestResult {
                 let (_guard, store) = $make;
                 super::audit_is_append_only_and_operators_authenticate(&*store)
+            }
+            #[test]
+            fn evidence_query_filters_pages_and_scopes() -> TestResult {
+                let (_guard, store) = $make;
+                super::evidence_query_filters_pages_and_scopes(&*store)
             }
         }
     };

@@ -95,7 +95,11 @@ async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
 }
 
 /// The operator a bearer token names; a missing or wrong token is refused and audited.
-async fn caller(svc: &Services, info: &ConnInfo, headers: &HeaderMap) -> Result<Caller, ApiError> {
+pub(crate) async fn caller(
+    svc: &Services,
+    info: &ConnInfo,
+    headers: &HeaderMap,
+) -> Result<Caller, ApiError> {
     let token = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())

@@ -13,6 +13,8 @@
 //! Connections come from a small pool of blocking clients; handlers call in through
 //! `spawn_blocking`.
 
+mod evidence_query;
+
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 

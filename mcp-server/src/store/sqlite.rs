@@ -1,6 +1,8 @@
 //! The SQLite store (the embedded default): one file in WAL mode with synchronous=FULL,
 //! versioned append-only migrations from migrations/sqlite/.
 
+mod evidence_query;
+
 use std::path::Path;
 use std::sync::Mutex;
 

@@ -283,7 +283,11 @@ fn chain_text(h: &HostStatus) -> (String, bool) {
     match (h.contiguous_through, h.gaps.is_empty()) {
         (None, _) => ("no bundles yet".into(), true),
         (Some(n), true) => (
-            format!("intact, {} bundles through seq {n}", h.bundles),
+            format!(
+                "intact, {} bundle{} through seq {n}",
+                h.bundles,
+                if h.bundles == 1 { "" } else { "s" }
+            ),
             true,
         ),
         (Some(n), false) => {

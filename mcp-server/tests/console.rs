@@ -151,6 +151,9 @@ fn cookies_are_secure_httponly_strict_and_host_only() -> TestResult {
     Ok(())
 }
 
+/// One refused sign-in: the cookie sent, the form fields, the status, what it shows.
+type SignInCase<'a> = (Option<&'a str>, Vec<(&'a str, &'a str)>, u16, &'a str);
+
 /// Sign-in is refused without this browser's sign-in cookie (login CSRF), with a wrong
 /// token, and with a wrong password; each refusal is audited and starts no session.
 #[test]
@@ -163,7 +166,7 @@ fn sign_in_refusals_are_audited_and_start_nothing() -> TestResult {
         .set_cookie("__Host-mcp_signin")
         .ok_or("sign-in cookie")?;
     let pre_cookie = format!("__Host-mcp_signin={pre}");
-    let cases: [(Option<&str>, Vec<(&str, &str)>, u16, &str); 5] = [
+    let cases: [SignInCase; 5] = [
         (
             None,
             vec![("csrf", &pre), ("token", &fleet.bob.token)],
@@ -583,17 +586,19 @@ fn start_chromedriver() -> Chromedriver {
         .http_status_as_error(false)
         .build()
         .new_agent();
+    // The guard kills and reaps the process on every path from here on.
+    let driver = Chromedriver { child, url };
     while Instant::now() < deadline {
         if agent
-            .get(&format!("{url}/status"))
+            .get(&format!("{}/status", driver.url))
             .call()
             .is_ok_and(|r| r.status() == 200)
         {
-            return Chromedriver { child, url };
+            return driver;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!("chromedriver did not answer on {url}");
+    panic!("chromedriver did not answer on {}", driver.url);
 }
 
 /// The workspace's target directory.

@@ -671,7 +671,7 @@ pub async fn host(
             });
         }
     }
-    timeline.sort_by(|a, b| b.sort.cmp(&a.sort));
+    timeline.sort_by_key(|t| std::cmp::Reverse(t.sort));
     let summary = host_row(&status);
     st.page(
         &v,

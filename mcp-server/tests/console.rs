@@ -500,6 +500,18 @@ fn a_new_token_is_shown_once_and_revocation_stops_enrollment() -> TestResult {
         let again = get(&agent, &format!("{base}{url}"), Some(&rita));
         assert!(!again.body.contains(&token), "{url} shows the secret again");
     }
+    let incomplete = post_form(
+        &agent,
+        &format!("{base}/console/tokens"),
+        Some(&rita),
+        &[("csrf", &csrf)],
+    );
+    assert_eq!(incomplete.status, 422, "no site: {}", incomplete.body);
+    assert!(
+        incomplete.body.contains("No token made") && !incomplete.body.contains("CSRF"),
+        "named as what it is: {}",
+        incomplete.body
+    );
     let listed = fleet
         .server
         .svc()

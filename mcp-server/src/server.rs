@@ -161,7 +161,9 @@ impl Running {
             tokio::spawn(crate::api::listener::serve(
                 ops,
                 operator_tls,
-                operator_router,
+                operator_router
+                    .merge(crate::console::router(svc.clone())?)
+                    .merge(crate::metrics::router(svc.clone())),
                 limits,
                 rx,
             ));

@@ -14,6 +14,8 @@
 //! `spawn_blocking`.
 
 mod evidence_query;
+/// The console's storage (sessions, passwords, token revocation, evidence listing).
+mod console;
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -35,11 +37,18 @@ use crate::auth::{Caller, Role, Tenants, hashes_equal};
 
 /// The migrations, in order. Append only: a released file is never edited (the
 /// store refuses a database whose applied migration differs from this text).
-pub const MIGRATIONS: &[(u32, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../../migrations/postgres/0001_init.sql"),
-)];
+pub const MIGRATIONS: &[(u32, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        4,
+        "console",
+        include_str!("../../migrations/postgres/0004_console.sql"),
+    ),
+];
 
 /// Connections kept open between calls.
 const MAX_IDLE: usize = 16;

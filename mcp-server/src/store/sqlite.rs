@@ -2,6 +2,8 @@
 //! versioned append-only migrations from migrations/sqlite/.
 
 mod evidence_query;
+/// The console's storage (sessions, passwords, token revocation, evidence listing).
+mod console;
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -21,11 +23,18 @@ use crate::auth::{Caller, Role, Tenants, hashes_equal};
 
 /// The migrations, in order. Append only: a released file is never edited (the
 /// store refuses a database whose applied migration differs from this text).
-pub const MIGRATIONS: &[(u32, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../../migrations/sqlite/0001_init.sql"),
-)];
+pub const MIGRATIONS: &[(u32, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        4,
+        "console",
+        include_str!("../../migrations/sqlite/0004_console.sql"),
+    ),
+];
 
 /// One writer connection (SQLite allows one writer at a time) and a pool of read
 /// connections (WAL readers run beside the writer and see committed data only).

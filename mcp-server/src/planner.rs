@@ -110,6 +110,25 @@ pub fn rule_plan(svc: &Services, incident: &IncidentRecord, site: &Site) -> Plan
             json!({}),
             "the host is silent: an order cannot reach it until it polls again; check the box and its network".into(),
         ),
+        None if incident.check.is_some() && allowed(COLLECT_EVIDENCE) => {
+            // Fresh evidence is the one safe step without a recommendation; it never
+            // changes the box, and it shows whether the check has recovered.
+            let check = incident.check.as_deref().unwrap_or_default();
+            let baseline = compliance_agent::evidence::Check::parse(check)
+                .is_some_and(|c| c.agent_only().is_none());
+            let params = if baseline {
+                json!({ "checks": [check], "note": format!("incident {}", incident.incident_id) })
+            } else {
+                json!({ "note": format!("incident {}", incident.incident_id) })
+            };
+            (
+                Some(COLLECT_EVIDENCE.to_owned()),
+                params,
+                format!(
+                    "the box recommended no fix for {check}: ask it for fresh evidence"
+                ),
+            )
+        }
         None => (
             None,
             json!({}),

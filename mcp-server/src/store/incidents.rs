@@ -154,8 +154,8 @@ pub struct Observation {
     pub hipaa_controls: Vec<String>,
     pub summary: String,
     pub recommended: Option<Value>,
-    /// The bundle that shows it; an observation of a bundle already on a timeline is
-    /// not applied twice.
+    /// The bundle that shows it; an observation of a bundle already on a timeline of
+    /// the same host and cause is not applied twice.
     pub bundle_id: Option<String>,
     pub at: Timestamp,
     /// The timeline event's kind and detail.

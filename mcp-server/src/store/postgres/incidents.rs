@@ -159,8 +159,8 @@ impl IncidentStore for PostgresStore {
         if let Some(bundle) = &obs.bundle_id {
             let seen = tx
                 .query_opt(
-                    "SELECT e.id FROM incident_events e JOIN incidents i ON i.incident_id = e.incident_id WHERE e.bundle_id = $1 AND i.site_id = $2 AND i.host_id = $3 LIMIT 1",
-                    &[bundle, &obs.site_id, &obs.host_id],
+                    "SELECT e.id FROM incident_events e JOIN incidents i ON i.incident_id = e.incident_id WHERE e.bundle_id = $1 AND i.site_id = $2 AND i.host_id = $3 AND i.cause = $4 LIMIT 1",
+                    &[bundle, &obs.site_id, &obs.host_id, &obs.cause],
                 )
                 .map_err(db)?;
             if seen.is_some() {

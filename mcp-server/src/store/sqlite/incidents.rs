@@ -167,8 +167,8 @@ impl IncidentStore for SqliteStore {
         if let Some(bundle) = &obs.bundle_id {
             let seen: Option<i64> = tx
                 .query_row(
-                    "SELECT e.id FROM incident_events e JOIN incidents i ON i.incident_id = e.incident_id WHERE e.bundle_id = ?1 AND i.site_id = ?2 AND i.host_id = ?3 LIMIT 1",
-                    params![bundle, obs.site_id, obs.host_id],
+                    "SELECT e.id FROM incident_events e JOIN incidents i ON i.incident_id = e.incident_id WHERE e.bundle_id = ?1 AND i.site_id = ?2 AND i.host_id = ?3 AND i.cause = ?4 LIMIT 1",
+                    params![bundle, obs.site_id, obs.host_id, obs.cause],
                     |r| r.get(0),
                 )
                 .optional()

@@ -198,7 +198,7 @@ fn validate_choice(content: &str, site: &Site) -> Result<Choice, String> {
         .map_or(text, str::trim);
     let choice: Choice = serde_json::from_str(text)
         .map_err(|e| format!("the answer is not the expected JSON choice: {e}"))?;
-    if !site.runbook_allowlist.iter().any(|r| *r == choice.runbook) {
+    if !site.runbook_allowlist.contains(&choice.runbook) {
         return Err(format!(
             "the answer picks runbook {:?}, which site {} does not allow",
             choice.runbook.chars().take(80).collect::<String>(),

@@ -158,6 +158,7 @@ impl Running {
             if !svc.config.mcp.disable_http {
                 operator_router = operator_router.merge(crate::api::mcp::router(svc.clone()));
             }
+            tokio::spawn(crate::executor::background(svc.clone(), rx.clone()));
             tokio::spawn(crate::api::listener::serve(
                 ops,
                 operator_tls,

@@ -4,6 +4,7 @@
 
 pub mod console;
 pub mod evidence_query;
+pub mod incidents;
 pub mod postgres;
 pub mod sqlite;
 
@@ -236,7 +237,9 @@ pub struct AuditEntry {
 
 /// The database. Implementations: [`sqlite::SqliteStore`] and [`postgres::PostgresStore`];
 /// the conformance suite in tests/store.rs runs against each. Calls block: async callers use `spawn_blocking`.
-pub trait Store: console::ConsoleStore + evidence_query::EvidenceQuery + Send + Sync {
+pub trait Store:
+    console::ConsoleStore + evidence_query::EvidenceQuery + incidents::IncidentStore + Send + Sync
+{
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
     /// The newest migration applied.

@@ -16,6 +16,7 @@
 mod evidence_query;
 /// The console's storage (sessions, passwords, token revocation, evidence listing).
 mod console;
+pub mod incidents;
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -42,6 +43,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         1,
         "init",
         include_str!("../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "incidents",
+        include_str!("../../migrations/postgres/0002_incidents.sql"),
     ),
     (
         4,

@@ -4,6 +4,7 @@
 mod evidence_query;
 /// The console's storage (sessions, passwords, token revocation, evidence listing).
 mod console;
+pub mod incidents;
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -28,6 +29,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         1,
         "init",
         include_str!("../../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "incidents",
+        include_str!("../../migrations/sqlite/0002_incidents.sql"),
     ),
     (
         4,

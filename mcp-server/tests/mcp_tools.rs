@@ -21,10 +21,23 @@ const READ_ONLY_TOOLS: &[&str] = &[
     "fleet_status",
     "list_evidence",
     "show_bundle",
+    "list_incidents",
     "show_host",
+    "show_incident",
     "verify_chain",
 ];
-const MUTATING_TOOLS: &[&str] = &["request_order"];
+const MUTATING_TOOLS: &[&str] = &["propose_remediation", "request_order"];
+
+/// (readOnly, destructive, idempotent, openWorld) each tool must declare: only
+/// request_order reaches the boxes and can change them; a proposal changes only the
+/// incident's plan.
+fn expected_annotations(name: &str) -> (bool, bool, bool, bool) {
+    match name {
+        "request_order" => (false, true, false, true),
+        "propose_remediation" => (false, false, false, false),
+        _ => (true, false, true, false),
+    }
+}
 
 /// The Python of the suite's virtualenv ($COMPLIANCE_TEST_VENV, else target/test-venv),
 /// with the pinned SDK installed from tests/python-requirements.txt when it is missing.
@@ -356,8 +369,23 @@ fn read_only_tools_answer(transport: Transport) -> TestResult {
             call("verify_chain", json!({ "host": ACME_HOST })),
             { "op": "list_resource_templates" },
             { "op": "read_resource", "uri": format!("bundle://{bundle}") },
+            call("list_incidents", json!({ "host": ACME_HOST, "state": "all" })),
+            call("show_incident", json!({ "incident_id": "no-such-incident" })),
         ]),
     );
+    {
+        let r = answer["results"].as_array().ok_or("results")?;
+        let listed = ok(&r[9], "list_incidents");
+        for i in listed["incident_list"].as_array().ok_or("incident_list")? {
+            assert_eq!(i["host"], ACME_HOST, "only the host asked for: {i}");
+            assert_eq!(
+                i["tenant"]["reseller_id"], "acme",
+                "the tenant is named: {i}"
+            );
+        }
+        let text = tool_error(&r[10], "show_incident of an unknown id");
+        assert!(text.contains("not found among your tenants"), "{text}");
+    }
     assert_eq!(
         answer["initialize"]["serverInfo"]["name"], "mcp-server",
         "initialize names the server: {}",
@@ -377,11 +405,16 @@ fn read_only_tools_answer(transport: Transport) -> TestResult {
     for t in r[0]["tools"].as_array().ok_or("tools")? {
         let name = t["name"].as_str().unwrap_or_default();
         let a = &t["annotations"];
-        let read_only = READ_ONLY_TOOLS.contains(&name);
+        let (read_only, destructive, idempotent, open_world) = expected_annotations(name);
+        assert_eq!(
+            read_only,
+            READ_ONLY_TOOLS.contains(&name),
+            "{name} is listed on its side"
+        );
         assert_eq!(a["readOnlyHint"], json!(read_only), "{name}: {a}");
-        assert_eq!(a["destructiveHint"], json!(!read_only), "{name}: {a}");
-        assert_eq!(a["idempotentHint"], json!(read_only), "{name}: {a}");
-        assert_eq!(a["openWorldHint"], json!(!read_only), "{name}: {a}");
+        assert_eq!(a["destructiveHint"], json!(destructive), "{name}: {a}");
+        assert_eq!(a["idempotentHint"], json!(idempotent), "{name}: {a}");
+        assert_eq!(a["openWorldHint"], json!(open_world), "{name}: {a}");
         assert_eq!(
             t["inputSchema"]["additionalProperties"],
             json!(false),
@@ -639,7 +672,16 @@ fn reseller_token_cannot_see_another_resellers_host() -> TestResult {
                 call("show_host", json!({ "host": "clinic-1/no-such-host" })),
                 call("show_bundle", json!({ "bundle_id": w.globex_bundles[1] })),
                 { "op": "read_resource", "uri": format!("bundle://{acme_bundle}") },
+                call("list_incidents", json!({ "host": ACME_HOST })),
             ]),
+        );
+        let text = tool_error(
+            &answer["results"][10],
+            "list_incidents of another reseller's host",
+        );
+        assert!(
+            text.contains("not found among your tenants") && !text.contains("acme"),
+            "{transport:?}: {text}"
         );
         let r = answer["results"].as_array().ok_or("results")?;
         let fleet = ok(&r[0], "fleet_status");

@@ -7,6 +7,7 @@
 //! the session's CSRF token and every POST checks it; the sign-in form, before any
 //! session exists, uses a double-submit cookie. No page runs a script.
 
+mod incidents;
 mod pages;
 
 use std::sync::Arc;
@@ -41,6 +42,7 @@ pub const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; for
 /// template (an incidents page goes between Fleet and Evidence).
 pub const NAV: &[(&str, &str)] = &[
     ("/console/fleet", "Fleet"),
+    ("/console/incidents", "Incidents"),
     ("/console/evidence", "Evidence"),
     ("/console/orders", "Orders"),
     ("/console/tokens", "Enrollment tokens"),
@@ -57,6 +59,8 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("evidence.html", include_str!("templates/evidence.html")),
     ("bundle.html", include_str!("templates/bundle.html")),
     ("orders.html", include_str!("templates/orders.html")),
+    ("incidents.html", include_str!("templates/incidents.html")),
+    ("incident.html", include_str!("templates/incident.html")),
     ("tokens.html", include_str!("templates/tokens.html")),
     (
         "token_created.html",
@@ -124,6 +128,12 @@ pub fn router(svc: Services) -> crate::Result<Router> {
         .route(
             "/console/evidence/{bundle_id}/{file}",
             get(pages::bundle_file),
+        )
+        .route("/console/incidents", get(incidents::list))
+        .route("/console/incidents/{incident_id}", get(incidents::show))
+        .route(
+            "/console/incidents/{incident_id}/{action}",
+            post(incidents::action),
         )
         .route("/console/orders", get(pages::orders))
         .route(

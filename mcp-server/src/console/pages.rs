@@ -31,11 +31,11 @@ const LIST_LIMIT: u32 = 200;
 const TIMELINE_LIMIT: u32 = 50;
 
 /// A serde value for a template.
-fn ser<T: Serialize>(v: &T) -> minijinja::Value {
+pub(super) fn ser<T: Serialize>(v: &T) -> minijinja::Value {
     minijinja::Value::from(minijinja::value::Serde(v))
 }
 
-fn when(t: Timestamp) -> String {
+pub(super) fn when(t: Timestamp) -> String {
     t.strftime("%Y-%m-%d %H:%M:%S UTC").to_string()
 }
 
@@ -51,7 +51,9 @@ fn with_cookie(mut res: Response, value: &str) -> Response {
 }
 
 /// Runs blocking work for a page; a join failure becomes a 500.
-async fn work<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Response> {
+pub(super) async fn work<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Response> {
     blocking(f)
         .await
         .map_err(|e| plain(StatusCode::INTERNAL_SERVER_ERROR, &e.message))
@@ -74,6 +76,8 @@ macro_rules! attempt {
         }
     };
 }
+
+pub(super) use {attempt, viewer};
 
 pub async fn root() -> Response {
     redirect("/console/fleet")

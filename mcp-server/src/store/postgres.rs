@@ -13,9 +13,9 @@
 //! Connections come from a small pool of blocking clients; handlers call in through
 //! `spawn_blocking`.
 
-mod evidence_query;
 /// The console's storage (sessions, passwords, token revocation, evidence listing).
 mod console;
+mod evidence_query;
 pub mod incidents;
 
 use std::sync::Mutex;

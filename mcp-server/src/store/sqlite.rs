@@ -1,9 +1,9 @@
 //! The SQLite store (the embedded default): one file in WAL mode with synchronous=FULL,
 //! versioned append-only migrations from migrations/sqlite/.
 
-mod evidence_query;
 /// The console's storage (sessions, passwords, token revocation, evidence listing).
 mod console;
+mod evidence_query;
 pub mod incidents;
 
 use std::path::Path;

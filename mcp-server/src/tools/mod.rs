@@ -10,6 +10,7 @@
 
 mod evidence;
 mod fleet;
+mod incidents;
 mod orders;
 mod resources;
 
@@ -116,12 +117,12 @@ impl McpTools {
 
     /// The groups that change nothing. A new read-only group is one more `+` here.
     fn read_only_tools() -> ToolRouter<Self> {
-        Self::fleet_tools() + Self::evidence_tools()
+        Self::fleet_tools() + Self::evidence_tools() + Self::incident_tools()
     }
 
     /// The groups that change things; a read-only server registers none of them.
     fn mutating_tools() -> ToolRouter<Self> {
-        Self::order_tools()
+        Self::order_tools() + Self::incident_write_tools()
     }
 
     /// For stdio: every call acts as the operator whose token this is.
@@ -499,7 +500,7 @@ mod tests {
     fn annotations_say_which_tools_change_things() {
         let read = McpTools::read_only_tools().list_all();
         let write = McpTools::mutating_tools().list_all();
-        assert_eq!(read.len(), 5, "five read-only tools");
+        assert_eq!(read.len(), 7, "seven read-only tools");
         for t in &read {
             let a = t.annotations.clone().expect("annotated");
             assert_eq!(
@@ -509,12 +510,23 @@ mod tests {
                 t.name
             );
         }
-        let names: Vec<&str> = write.iter().map(|t| t.name.as_ref()).collect();
-        assert_eq!(names, [orders::REQUEST_ORDER], "the mutating tools");
+        let mut names: Vec<&str> = write.iter().map(|t| t.name.as_ref()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["propose_remediation", orders::REQUEST_ORDER],
+            "the mutating tools"
+        );
         for t in &write {
             let a = t.annotations.clone().expect("annotated");
             assert_eq!(a.read_only_hint, Some(false), "{}", t.name);
-            assert_eq!(a.destructive_hint, Some(true), "{}", t.name);
+            // Only an order reaches a box; a proposal changes the incident's plan.
+            assert_eq!(
+                a.destructive_hint,
+                Some(t.name == orders::REQUEST_ORDER),
+                "{}",
+                t.name
+            );
         }
         for t in read.iter().chain(&write) {
             assert_eq!(

@@ -271,6 +271,17 @@ pub fn run(cli: Cli) -> Result<()> {
                     svc.paths.order_pubkey.display()
                 );
             }
+            if first.created_log_key {
+                println!(
+                    "created the transparency log key {}",
+                    svc.paths.log_key.display()
+                );
+            }
+            println!(
+                "log key {} (in {})",
+                svc.log.vkey(),
+                svc.paths.log_vkey.display()
+            );
             if let Some(path) = svc.bootstrap_admin()? {
                 println!("wrote the first admin token to {}", path.display());
             }

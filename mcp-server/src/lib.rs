@@ -19,6 +19,7 @@ pub mod pki;
 pub mod server;
 pub mod services;
 pub mod store;
+pub mod tlog;
 
 pub use server::{Running, StartOptions};
 pub use services::Services;

@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod listener;
+pub mod log;
 pub mod ops;
 
 use axum::http::StatusCode;

@@ -33,6 +33,7 @@ pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
         (name = "enrollment", description = "One-time tokens boxes enroll with"),
         (name = "orders", description = "Signed orders under the central guardrails"),
         (name = "audit", description = "The append-only log of operator actions and refusals"),
+        (name = "log", description = "The transparency log: signed checkpoints, inclusion and consistency proofs"),
         (name = "meta", description = "This document"),
     )
 )]
@@ -68,6 +69,9 @@ fn documented() -> OpenApiRouter<Services> {
         .routes(routes!(orders, order_create))
         .routes(routes!(order_approve))
         .routes(routes!(audit))
+        .routes(routes!(super::log::ops_checkpoint))
+        .routes(routes!(super::log::ops_inclusion))
+        .routes(routes!(super::log::ops_consistency))
         .routes(routes!(openapi_json))
 }
 
@@ -95,7 +99,11 @@ async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
 }
 
 /// The operator a bearer token names; a missing or wrong token is refused and audited.
-async fn caller(svc: &Services, info: &ConnInfo, headers: &HeaderMap) -> Result<Caller, ApiError> {
+pub(crate) async fn caller(
+    svc: &Services,
+    info: &ConnInfo,
+    headers: &HeaderMap,
+) -> Result<Caller, ApiError> {
     let token = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())

@@ -4,6 +4,7 @@
 
 pub mod postgres;
 pub mod sqlite;
+pub mod tlog;
 
 use compliance_agent::evidence::chain::{ChainProblem, StoredLink};
 use jiff::Timestamp;
@@ -234,7 +235,7 @@ pub struct AuditEntry {
 
 /// The database. Implementations: [`sqlite::SqliteStore`] and [`postgres::PostgresStore`];
 /// the conformance suite in tests/store.rs runs against each. Calls block: async callers use `spawn_blocking`.
-pub trait Store: Send + Sync {
+pub trait Store: tlog::LogStore + Send + Sync {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
     /// The newest migration applied.

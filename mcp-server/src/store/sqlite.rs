@@ -17,13 +17,22 @@ use super::{
 };
 use crate::auth::{Caller, Role, Tenants, hashes_equal};
 
+mod tlog;
+
 /// The migrations, in order. Append only: a released file is never edited (the
 /// store refuses a database whose applied migration differs from this text).
-pub const MIGRATIONS: &[(u32, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../../migrations/sqlite/0001_init.sql"),
-)];
+pub const MIGRATIONS: &[(u32, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        3,
+        "transparency_log",
+        include_str!("../../migrations/sqlite/0003_transparency_log.sql"),
+    ),
+];
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,

@@ -20,6 +20,7 @@ pub mod server;
 pub mod services;
 pub mod store;
 pub mod tlog;
+pub mod verify;
 
 pub use server::{Running, StartOptions};
 pub use services::Services;

@@ -17,6 +17,9 @@ const OPERATOR_ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/ops/orders"),
     ("post", "/api/v1/ops/orders/{order_id}/approve"),
     ("get", "/api/v1/ops/audit"),
+    ("get", "/api/v1/ops/log/checkpoint"),
+    ("get", "/api/v1/ops/log/inclusion"),
+    ("get", "/api/v1/ops/log/consistency"),
     ("get", "/api/v1/openapi.json"),
 ];
 

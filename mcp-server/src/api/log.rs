@@ -88,35 +88,44 @@ async fn run<T: serde::Serialize + Send + 'static>(
     }
 }
 
-fn inclusion_call(
-    q: InclusionQuery,
-) -> Result<
-    (
-        String,
-        impl FnOnce(&Services, &Caller) -> Result<crate::tlog::InclusionAnswer, LogError>,
-    ),
-    ApiError,
-> {
-    let key = match (q.bundle_id, q.leaf_hash) {
-        (Some(b), None) => (true, b),
-        (None, Some(h)) => (false, h),
-        _ => {
-            return Err(ApiError::new(
-                400,
-                "name the leaf by exactly one of bundle_id and leaf_hash",
-            ));
-        }
-    };
-    let tree_size = q.tree_size;
-    let target = key.1.clone();
-    Ok((target, move |svc: &Services, caller: &Caller| {
-        let k = if key.0 {
-            LeafKey::Bundle(&key.1)
-        } else {
-            LeafKey::Hash(&key.1)
+/// A checked inclusion request: how the leaf is named and in which tree.
+struct InclusionCall {
+    by_bundle: bool,
+    name: String,
+    tree_size: Option<u64>,
+}
+
+impl InclusionCall {
+    fn parse(q: InclusionQuery) -> Result<Self, ApiError> {
+        let (by_bundle, name) = match (q.bundle_id, q.leaf_hash) {
+            (Some(b), None) => (true, b),
+            (None, Some(h)) => (false, h),
+            _ => {
+                return Err(ApiError::new(
+                    400,
+                    "name the leaf by exactly one of bundle_id and leaf_hash",
+                ));
+            }
         };
-        crate::tlog::inclusion(svc, caller, k, tree_size)
-    }))
+        Ok(Self {
+            by_bundle,
+            name,
+            tree_size: q.tree_size,
+        })
+    }
+
+    fn run(
+        self,
+        svc: &Services,
+        caller: &Caller,
+    ) -> Result<crate::tlog::InclusionAnswer, LogError> {
+        let key = if self.by_bundle {
+            LeafKey::Bundle(&self.name)
+        } else {
+            LeafKey::Hash(&self.name)
+        };
+        crate::tlog::inclusion(svc, caller, key, self.tree_size)
+    }
 }
 
 // ---- the agent listener (mTLS; the box's own bundles only) ----
@@ -150,9 +159,18 @@ pub async fn agent_inclusion(
         Ok(x) => x,
         Err(e) => return e.into_response(),
     };
-    let call = query(q).and_then(inclusion_call);
-    match call {
-        Ok((target, f)) => run(state.svc.clone(), caller, "log.inclusion", target, f).await,
+    match query(q).and_then(InclusionCall::parse) {
+        Ok(call) => {
+            let target = call.name.clone();
+            run(
+                state.svc.clone(),
+                caller,
+                "log.inclusion",
+                target,
+                move |svc, c| call.run(svc, c),
+            )
+            .await
+        }
         Err(e) => e.into_response(),
     }
 }
@@ -237,8 +255,14 @@ pub async fn ops_inclusion(
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
-    match query(q).and_then(inclusion_call) {
-        Ok((target, f)) => run(svc, caller, "log.inclusion", target, f).await,
+    match query(q).and_then(InclusionCall::parse) {
+        Ok(call) => {
+            let target = call.name.clone();
+            run(svc, caller, "log.inclusion", target, move |svc, c| {
+                call.run(svc, c)
+            })
+            .await
+        }
         Err(e) => e.into_response(),
     }
 }

@@ -263,7 +263,7 @@ pub struct Config {
     pub order_key_file: Option<PathBuf>,
     /// The transparency log's Ed25519 key (PKCS#8 PEM), separate from the order key;
     /// default `<state_dir>/log-signing.key` (made on first start). Its verifier key is
-    /// written beside it as `log.vkey`.
+    /// written to `<state_dir>/log.vkey`.
     #[serde(default)]
     pub log_key_file: Option<PathBuf>,
     /// The log's name on its checkpoints (and its key's name); default
@@ -483,7 +483,8 @@ impl Config {
             .unwrap_or_else(|| s.join("log-signing.key"));
         Paths {
             state_dir: s.clone(),
-            log_vkey: log_key.with_file_name("log.vkey"),
+            // In state_dir, not beside the key: the key may be a read-only credential.
+            log_vkey: s.join("log.vkey"),
             log_key,
             database,
             archive_dir: self

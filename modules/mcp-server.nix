@@ -24,6 +24,7 @@ let
   # What the options put into the TOML besides `settings`.
   derived = lib.filterAttrs (_: v: v != null) {
     order_key_file = if cfg.orderKeyFile != null then "${credentials}/order-signing.key" else null;
+    log_key_file = if cfg.logKeyFile != null then "${credentials}/log-signing.key" else null;
     tls_cert_file = if cfg.tls.certFile != null then "${credentials}/tls.pem" else null;
     tls_key_file = if cfg.tls.keyFile != null then "${credentials}/tls.key" else null;
     client_ca_file = cfg.clientCaFile;
@@ -50,6 +51,7 @@ let
 
   loadCredential =
     lib.optional (cfg.orderKeyFile != null) "order-signing.key:${cfg.orderKeyFile}"
+    ++ lib.optional (cfg.logKeyFile != null) "log-signing.key:${cfg.logKeyFile}"
     ++ lib.optional (cfg.tls.certFile != null) "tls.pem:${cfg.tls.certFile}"
     ++ lib.optional (cfg.tls.keyFile != null) "tls.key:${cfg.tls.keyFile}"
     ++ lib.optional (cfg.agentApiKeyFile != null) "agent-api-key:${cfg.agentApiKeyFile}"
@@ -217,6 +219,18 @@ in
       description = ''
         The Ed25519 order-signing key (PKCS#8 PEM), passed as a credential. Boxes pin
         its public key at enrollment. Default: made in state_dir on first start.
+      '';
+    };
+
+    logKeyFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      example = "/run/secrets/mcp-server/log-signing.key";
+      description = ''
+        The transparency log's Ed25519 key (PKCS#8 PEM), separate from the order key,
+        passed as a credential. Boxes receive its verifier key at enrollment and check
+        every checkpoint against it; every server process of one deployment needs the
+        same key. Default: made in state_dir on first start.
       '';
     };
 

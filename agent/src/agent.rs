@@ -203,10 +203,28 @@ fn orders(shared: &Shared) -> Result<String> {
         tracing::info!(order_id = %p.order_id, outcome = %p.outcome, runbook = ?p.runbook_id, bundle_id = ?p.bundle_id, "order handled");
     }
     let report = mcp::deliver(client, &mut q, Selection::Due)?;
+    // The box as the log's witness; a failure to reach the log is retried next poll.
+    let witnessed = match crate::witness::observe(&shared.config, client, &mut q, &shared.store) {
+        Ok(w) if !w.alerts.is_empty() => format!("; {} log alert(s)", w.alerts.len()),
+        Ok(_) => String::new(),
+        Err(e) => {
+            tracing::warn!(error = %e, "the log witness step failed; retried at the next poll");
+            String::new()
+        }
+    };
+    if witnessed.is_empty() {
+        return Ok(format!(
+            "{} order(s); {} bundle(s) delivered",
+            processed.len(),
+            report.delivered
+        ));
+    }
+    // Deliver the alerts too (to the same server: they are also in the box's chain).
+    let again = mcp::deliver(client, &mut q, Selection::Due)?;
     Ok(format!(
-        "{} order(s); {} bundle(s) delivered",
+        "{} order(s); {} bundle(s) delivered{witnessed}",
         processed.len(),
-        report.delivered
+        report.delivered + again.delivered
     ))
 }
 

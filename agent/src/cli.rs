@@ -216,6 +216,14 @@ pub enum EvidenceCommand {
         /// The evidence directory. Default: evidence_dir of the configuration.
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
+        /// Also check the stored transparency-log proofs (state_dir/log-proofs) offline:
+        /// each checkpoint's signature, each inclusion proof against the bundle's own
+        /// bytes, each consistency proof.
+        #[arg(long)]
+        log_proofs: bool,
+        /// The log's verifier key file (`<name>+<id>+<key>`). Default: log.vkey beside the order key.
+        #[arg(long, value_name = "FILE", requires = "log_proofs")]
+        log_key: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -285,6 +293,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 files.client_key,
                 files.order_pubkey
             );
+            if e.log_key.is_some() {
+                out!(
+                    "the transparency log's key is in {}; the agent witnesses the log at every order poll",
+                    files.log_key().display()
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Config(ConfigCommand::Check { json }) => config_check(cli.config.as_deref(), json),
@@ -511,9 +525,23 @@ fn orders_poll(config: &Config, json: bool) -> Result<ExitCode> {
         };
         orders::poll(&client, &mut ctx)?
     };
-    let report = mcp::deliver(&client, &mut queue, Selection::AllPending)?;
+    let mut report = mcp::deliver(&client, &mut queue, Selection::AllPending)?;
+    let witness = crate::witness::observe(config, &client, &mut queue, &store);
+    if let Ok(w) = &witness
+        && !w.alerts.is_empty()
+    {
+        let again = mcp::deliver(&client, &mut queue, Selection::AllPending)?;
+        report.delivered += again.delivered;
+    }
+    let witness = match witness {
+        Ok(w) => json!(w),
+        Err(e) => {
+            eprintln!("compliance-agent: the log witness step failed: {e:#}");
+            json!({ "error": e.to_string() })
+        }
+    };
     if json {
-        print_json(&json!({ "orders": processed, "delivery": report }))?;
+        print_json(&json!({ "orders": processed, "delivery": report, "log_witness": witness }))?;
     } else {
         if processed.is_empty() {
             out!("no pending orders");
@@ -532,6 +560,19 @@ fn orders_poll(config: &Config, json: bool) -> Result<ExitCode> {
                 p.order_id,
                 p.outcome,
                 p.bundle_id.as_deref().unwrap_or("-")
+            );
+        }
+        if let Some(alerts) = witness["alerts"].as_array()
+            && !alerts.is_empty()
+        {
+            out!(
+                "the MSP's transparency log failed the witness check: {} alert bundle(s) {}",
+                alerts.len(),
+                alerts
+                    .iter()
+                    .filter_map(|a| a.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
     }
@@ -810,7 +851,13 @@ fn evidence_command(config: &Config, cmd: EvidenceCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        EvidenceCommand::Verify { pubkey, dir, json } => {
+        EvidenceCommand::Verify {
+            pubkey,
+            dir,
+            log_proofs,
+            log_key,
+            json,
+        } => {
             let key = verifying_key(config, pubkey.as_deref())?;
             let root = dir.unwrap_or_else(|| config.evidence_dir.clone());
             if !root.is_dir() {
@@ -828,9 +875,46 @@ fn evidence_command(config: &Config, cmd: EvidenceCommand) -> Result<ExitCode> {
                 )));
             }
             let report = evidence::verify(&root, &key)?;
-            if json {
-                print_json(&report)?;
+            let offline = if log_proofs {
+                let key_file = log_key
+                    .or_else(|| crate::witness::log_key_file(config))
+                    .ok_or_else(|| {
+                        Error::Usage(
+                            "no log key: give --log-key FILE (log.vkey from enrollment)".into(),
+                        )
+                    })?;
+                let verifier = crate::witness::load_verifier(&key_file)?;
+                Some(crate::witness::verify_offline(
+                    &config.state_dir.join(crate::witness::PROOFS_DIR),
+                    &root,
+                    &verifier,
+                )?)
             } else {
+                None
+            };
+            let proofs_ok = offline.as_ref().is_none_or(|o| o.ok());
+            if json {
+                match &offline {
+                    Some(o) => print_json(&json!({ "evidence": report, "log_proofs": o }))?,
+                    None => print_json(&report)?,
+                }
+            } else {
+                if let Some(o) = &offline {
+                    for p in &o.problems {
+                        out!("PROBLEM log proof {p}");
+                    }
+                    out!(
+                        "log proofs: {} inclusion and {} consistency proofs verified ({} of bundles no longer stored here): {}",
+                        o.inclusion_verified,
+                        o.consistency_verified,
+                        o.without_local_bundle,
+                        if o.ok() {
+                            "log intact".to_owned()
+                        } else {
+                            format!("{} problem(s)", o.problems.len())
+                        }
+                    );
+                }
                 for p in &report.problems {
                     out!("PROBLEM {p}");
                 }
@@ -854,7 +938,7 @@ fn evidence_command(config: &Config, cmd: EvidenceCommand) -> Result<ExitCode> {
                     }
                 );
             }
-            Ok(if report.ok() {
+            Ok(if report.ok() && proofs_ok {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

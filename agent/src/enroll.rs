@@ -26,6 +26,11 @@ pub struct EnrollFiles {
 }
 
 impl EnrollFiles {
+    /// The log's verifier key, beside the order key (docs/tlog.md, "The box as witness").
+    pub fn log_key(&self) -> PathBuf {
+        log_key_path(&self.order_pubkey)
+    }
+
     /// The config's paths, or `<state_dir>/mcp/...` for those it leaves unset.
     pub fn from_config(config: &Config) -> Self {
         let dir = config.state_dir.join("mcp");
@@ -50,6 +55,11 @@ impl EnrollFiles {
     }
 }
 
+/// Where the box keeps the log's verifier key: `log.vkey` beside its order key.
+pub fn log_key_path(order_pubkey: &Path) -> PathBuf {
+    order_pubkey.with_file_name("log.vkey")
+}
+
 #[derive(Debug, Deserialize)]
 pub struct Enrolled {
     pub site_id: String,
@@ -60,6 +70,9 @@ pub struct Enrolled {
     pub ca_cert_pem: String,
     pub order_pubkey_pem: String,
     pub mcp_url: String,
+    /// The transparency log's verifier key; absent from servers without a log.
+    #[serde(default)]
+    pub log_key: Option<String>,
 }
 
 fn usage(m: impl Into<String>) -> Error {
@@ -291,9 +304,17 @@ pub fn enroll(
             "the server answered with another CA than the one the token pins",
         ));
     }
+    if let Some(vkey) = &enrolled.log_key {
+        // Refuse a log key the box could not verify with, before writing anything.
+        crate::tlog::LogVerifier::from_vkey(vkey)
+            .map_err(|e| usage(format!("the server's log key: {e}")))?;
+    }
     write(&files.client_key, &key.serialize_pem(), 0o600)?;
     write(&files.client_cert, &enrolled.client_cert_pem, 0o644)?;
     write(&files.ca_cert, &enrolled.ca_cert_pem, 0o644)?;
     write(&files.order_pubkey, &enrolled.order_pubkey_pem, 0o644)?;
+    if let Some(vkey) = &enrolled.log_key {
+        write(&files.log_key(), &format!("{}\n", vkey.trim()), 0o644)?;
+    }
     Ok(enrolled)
 }

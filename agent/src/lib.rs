@@ -38,6 +38,7 @@ pub mod scan;
 pub mod schedule;
 pub mod systemd;
 pub mod tlog;
+pub mod witness;
 
 pub use error::{Error, Result};
 

@@ -425,6 +425,99 @@ impl McpClient {
     }
 }
 
+/// The answer to a log request: ready, or not yet (the server has not sequenced it).
+#[derive(Clone, Debug)]
+pub enum LogAnswer<T> {
+    Ready(T),
+    Pending(String),
+}
+
+/// `GET /api/v1/log/checkpoint`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct LogCheckpoint {
+    pub origin: String,
+    pub tree_size: u64,
+    /// The C2SP signed note (unverified until the box checks it).
+    pub checkpoint: String,
+    #[serde(default)]
+    pub log_key: Option<String>,
+}
+
+/// The leaf a server says it holds for a bundle.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLeafView {
+    pub leaf_index: u64,
+    pub bundle_id: String,
+    pub site_id: String,
+    pub host_id: String,
+    pub seq: u64,
+    pub bundle_sha256: String,
+    #[serde(default)]
+    pub leaf_hash: Option<String>,
+}
+
+/// `GET /api/v1/log/inclusion`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct LogInclusion {
+    pub leaf: LogLeafView,
+    pub proof: crate::tlog::InclusionProof,
+    #[serde(default)]
+    pub checkpoint: Option<String>,
+}
+
+/// `GET /api/v1/log/consistency`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct LogConsistency {
+    pub proof: crate::tlog::ConsistencyProof,
+    #[serde(default)]
+    pub old_checkpoint: Option<String>,
+    #[serde(default)]
+    pub new_checkpoint: Option<String>,
+}
+
+impl McpClient {
+    fn log_get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<LogAnswer<T>> {
+        let url = self.url(path);
+        match self.answer(&url, self.authorize(self.agent.get(&url)).call()) {
+            Ok(v) => Ok(LogAnswer::Ready(v)),
+            // 202: accepted, not yet in the log; the server says when to ask again.
+            Err(McpError::Status {
+                status: 202,
+                message,
+                ..
+            }) => Ok(LogAnswer::Pending(message)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The log's newest checkpoint.
+    pub fn log_checkpoint(&self) -> Result<LogAnswer<LogCheckpoint>> {
+        self.log_get("/api/v1/log/checkpoint")
+    }
+
+    /// The proof that the tree of `old` leaves is a prefix of the tree of `new`.
+    pub fn log_consistency(&self, old: u64, new: u64) -> Result<LogAnswer<LogConsistency>> {
+        self.log_get(&format!("/api/v1/log/consistency?old={old}&new={new}"))
+    }
+
+    /// The inclusion proof of one of this box's bundles in the tree of `tree_size` leaves.
+    pub fn log_inclusion(
+        &self,
+        bundle_id: &str,
+        tree_size: u64,
+    ) -> Result<LogAnswer<LogInclusion>> {
+        if !crate::orders::valid_order_id(bundle_id) {
+            return Err(McpError::Protocol {
+                url: self.url("/api/v1/log/inclusion"),
+                reason: format!("{bundle_id:?} is not a bundle id"),
+            });
+        }
+        self.log_get(&format!(
+            "/api/v1/log/inclusion?bundle_id={bundle_id}&tree_size={tree_size}"
+        ))
+    }
+}
+
 #[derive(Deserialize)]
 struct IdView {
     bundle_id: String,

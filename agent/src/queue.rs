@@ -774,6 +774,30 @@ impl Queue {
         Ok(removed)
     }
 
+    /// Delivered rows after the cursor (delivered_at, seq), in that order: the
+    /// bundles the log witness asks inclusion proofs for.
+    pub fn delivered_after(
+        &self,
+        delivered_at: i64,
+        seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(Upload, i64)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT bundle_id, seq, dir, order_id, attempts, last_error, delivered_at FROM uploads
+                 WHERE state = 'delivered' AND (delivered_at > ?1 OR (delivered_at = ?1 AND seq > ?2))
+                 ORDER BY delivered_at, seq LIMIT ?3",
+            )
+            .map_err(self.sql())?;
+        stmt.query_map(params![delivered_at, seq as i64, limit as i64], |r| {
+            Ok((Self::row(r)?, r.get::<_, i64>(6)?))
+        })
+        .map_err(self.sql())?
+        .collect::<std::result::Result<_, _>>()
+        .map_err(self.sql())
+    }
+
     /// Whether the MCP acknowledged `bundle_id` (the evidence prune guard).
     pub fn acknowledged(&self) -> Result<impl Fn(&str, u64) -> bool + use<>> {
         let watermark = self.watermark()?;

@@ -66,12 +66,61 @@ pub enum Command {
     /// Incidents from the boxes' evidence, their plans and the orders made from them.
     #[command(subcommand)]
     Incidents(incidents::IncidentsCommand),
+    /// The transparency log: its newest checkpoint, proofs, and sequencing now.
+    #[command(subcommand)]
+    Log(LogCommand),
+    /// Check a log checkpoint and proofs offline with the log key (no server, no database).
+    /// Exits 0 only if every given file verifies.
+    Verify {
+        /// The log key: `<name>+<id>+<key>` or a file holding it (log.vkey).
+        #[arg(long, value_name = "VKEY|FILE")]
+        log_key: String,
+        /// A signed checkpoint note.
+        #[arg(long = "checkpoint", value_name = "FILE")]
+        checkpoints: Vec<PathBuf>,
+        /// An inclusion proof as `log inclusion` or GET .../log/inclusion answers it.
+        #[arg(long = "inclusion", value_name = "FILE")]
+        inclusions: Vec<PathBuf>,
+        /// The bundle.json each --inclusion is for, in the same order (checks the bytes too).
+        #[arg(long = "bundle", value_name = "FILE")]
+        bundles: Vec<PathBuf>,
+        /// A consistency proof as `log consistency` answers it.
+        #[arg(long = "consistency", value_name = "FILE")]
+        consistencies: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// The audit log, newest first.
     Audit {
         #[arg(long, default_value_t = 50)]
         limit: u32,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LogCommand {
+    /// The newest signed checkpoint (the note; with --json also the log key).
+    Checkpoint {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Append every queued bundle now and sign a checkpoint (the server does this by itself).
+    Sequence,
+    /// The inclusion proof of a bundle (JSON, for `mcp-server verify --inclusion`).
+    Inclusion {
+        #[arg(long)]
+        bundle: String,
+        #[arg(long)]
+        tree_size: Option<u64>,
+    },
+    /// The consistency proof between two tree sizes (JSON, for `mcp-server verify --consistency`).
+    Consistency {
+        #[arg(long)]
+        old: u64,
+        #[arg(long)]
+        new: Option<u64>,
     },
 }
 
@@ -277,6 +326,45 @@ fn local_caller() -> Caller {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    if let Command::Verify {
+        log_key,
+        checkpoints,
+        inclusions,
+        bundles,
+        consistencies,
+        json,
+    } = cli.command
+    {
+        let report = crate::verify::verify(&crate::verify::VerifyRequest {
+            log_key,
+            checkpoints,
+            inclusions,
+            bundles,
+            consistencies,
+        })?;
+        if json {
+            print_json(&json!(report));
+        } else {
+            for line in &report.checked {
+                println!("OK {line}");
+            }
+            for p in &report.problems {
+                println!("PROBLEM {p}");
+            }
+        }
+        if !report.ok() {
+            return Err(Error::Invalid(format!(
+                "{} of the given files do not verify",
+                report.problems.len()
+            )));
+        }
+        if report.checked.is_empty() {
+            return Err(Error::Invalid(
+                "nothing to verify: give --checkpoint, --inclusion or --consistency".into(),
+            ));
+        }
+        return Ok(());
+    }
     let config = Config::load(cli.config.as_deref())?;
     let (svc, first) = Services::open(config)?;
     let caller = local_caller();
@@ -295,6 +383,17 @@ pub fn run(cli: Cli) -> Result<()> {
                     svc.paths.order_pubkey.display()
                 );
             }
+            if first.created_log_key {
+                println!(
+                    "created the transparency log key {}",
+                    svc.paths.log_key.display()
+                );
+            }
+            println!(
+                "log key {} (in {})",
+                svc.log.vkey(),
+                svc.paths.log_vkey.display()
+            );
             if let Some(path) = svc.bootstrap_admin()? {
                 println!("wrote the first admin token to {}", path.display());
             }
@@ -629,6 +728,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Sites(SitesCommand::Mode { site, mode, json }) => {
             incidents::site_mode(&svc, &caller, &site, mode.as_deref(), json)?;
         }
+        Command::Verify { .. } => unreachable!("handled before the state is opened"),
+        Command::Log(cmd) => log_command(&svc, &caller, cmd)?,
         Command::Audit { limit, json } => {
             let entries = svc.store.audit(&caller, limit)?;
             if json {
@@ -641,6 +742,42 @@ pub fn run(cli: Cli) -> Result<()> {
                     );
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+fn log_command(svc: &Services, caller: &Caller, cmd: LogCommand) -> Result<()> {
+    let log_err = |e: crate::tlog::LogError| Error::Invalid(e.to_string());
+    match cmd {
+        LogCommand::Checkpoint { json } => {
+            let c = crate::tlog::checkpoint(svc).map_err(log_err)?;
+            if json {
+                print_json(&json!(c));
+            } else {
+                print!("{}", c.checkpoint);
+            }
+        }
+        LogCommand::Sequence => {
+            match crate::tlog::sequence(&*svc.store, &svc.log).map_err(log_err)? {
+                Some(c) => println!("sequenced: the log has {} leaves", c.tree_size),
+                None => println!("nothing queued"),
+            }
+        }
+        LogCommand::Inclusion { bundle, tree_size } => {
+            let a = crate::tlog::inclusion(
+                svc,
+                caller,
+                crate::tlog::LeafKey::Bundle(&bundle),
+                tree_size,
+            )
+            .map_err(log_err)?;
+            print_json(&json!(a));
+        }
+        LogCommand::Consistency { old, new } => {
+            print_json(&json!(
+                crate::tlog::consistency(svc, old, new).map_err(log_err)?
+            ));
         }
     }
     Ok(())

@@ -468,6 +468,15 @@ pub struct Config {
     /// The Ed25519 order key (PKCS#8 PEM); default `<state_dir>/order-signing.key`.
     #[serde(default)]
     pub order_key_file: Option<PathBuf>,
+    /// The transparency log's Ed25519 key (PKCS#8 PEM), separate from the order key;
+    /// default `<state_dir>/log-signing.key` (made on first start). Its verifier key is
+    /// written to `<state_dir>/log.vkey`.
+    #[serde(default)]
+    pub log_key_file: Option<PathBuf>,
+    /// The log's name on its checkpoints (and its key's name); default
+    /// `<first of server_names>/compliance-log`.
+    #[serde(default)]
+    pub log_origin: Option<String>,
     /// Where the first admin token is written on first start; default `<state_dir>/admin.token`.
     #[serde(default)]
     pub admin_token_file: Option<PathBuf>,
@@ -518,6 +527,8 @@ fn unreachable_default() -> Config {
         client_ca_file: None,
         ca_dir: None,
         order_key_file: None,
+        log_key_file: None,
+        log_origin: None,
         admin_token_file: None,
         agent_api_key_file: None,
         default_scan_interval_sec: default_scan_interval(),
@@ -540,6 +551,8 @@ pub struct Paths {
     pub ca_dir: PathBuf,
     pub order_key: PathBuf,
     pub order_pubkey: PathBuf,
+    pub log_key: PathBuf,
+    pub log_vkey: PathBuf,
     pub admin_token: PathBuf,
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
@@ -650,6 +663,16 @@ impl Config {
             }
         }
         problems.extend(self.remediation.problems());
+        let origin = self.log_origin();
+        if origin.is_empty()
+            || origin
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '+')
+        {
+            problems.push(format!(
+                "log_origin = {origin:?}: the log's name is one word without spaces or '+', e.g. msp.example/compliance-log"
+            ));
+        }
         if self.default_scan_interval_sec < 10 {
             problems.push("default_scan_interval_sec must be at least 10".into());
         }
@@ -689,8 +712,15 @@ impl Config {
             .order_key_file
             .clone()
             .unwrap_or_else(|| s.join("order-signing.key"));
+        let log_key = self
+            .log_key_file
+            .clone()
+            .unwrap_or_else(|| s.join("log-signing.key"));
         Paths {
             state_dir: s.clone(),
+            // In state_dir, not beside the key: the key may be a read-only credential.
+            log_vkey: s.join("log.vkey"),
+            log_key,
             database,
             archive_dir: self
                 .archive_dir
@@ -712,6 +742,18 @@ impl Config {
                 .clone()
                 .unwrap_or_else(|| s.join("tls/server.key")),
         }
+    }
+
+    /// The transparency log's origin line (and key name).
+    pub fn log_origin(&self) -> String {
+        self.log_origin.clone().unwrap_or_else(|| {
+            format!(
+                "{}/compliance-log",
+                self.server_names
+                    .first()
+                    .map_or("mcp-server", String::as_str)
+            )
+        })
     }
 
     /// The URL boxes use for the agent listener.

@@ -223,6 +223,10 @@ pub struct EnrollResponse {
     pub ca_cert_pem: String,
     pub order_pubkey_pem: String,
     pub mcp_url: String,
+    /// The transparency log's verifier key (`<origin>+<key ID>+<key>`, docs/tlog.md):
+    /// the box checks every checkpoint against it.
+    #[serde(default)]
+    pub log_key: Option<String>,
 }
 
 /// The exchange: redeem the token, sign the CSR, enroll the host. Audited either way.
@@ -324,6 +328,7 @@ fn exchange_inner(svc: &Services, req: &EnrollRequest) -> Result<EnrollResponse,
         reseller_id: host.reseller_id,
         client_cert_pem: cert_pem,
         ca_cert_pem: svc.ca.cert_pem.clone(),
+        log_key: Some(svc.log.vkey()),
         order_pubkey_pem: svc
             .order_key
             .verifying_key()

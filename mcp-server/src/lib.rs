@@ -25,7 +25,9 @@ pub mod planner;
 pub mod server;
 pub mod services;
 pub mod store;
+pub mod tlog;
 pub mod tools;
+pub mod verify;
 
 pub use server::{Running, StartOptions};
 pub use services::Services;

@@ -159,6 +159,7 @@ impl Running {
                 operator_router = operator_router.merge(crate::api::mcp::router(svc.clone()));
             }
             tokio::spawn(crate::executor::background(svc.clone(), rx.clone()));
+            tokio::spawn(crate::tlog::run_sequencer(svc.clone(), rx.clone()));
             tokio::spawn(crate::api::listener::serve(
                 ops,
                 operator_tls,

@@ -55,6 +55,8 @@ pub struct Services {
     pub archive: Arc<dyn Archive>,
     pub ca: Arc<Ca>,
     pub order_key: Arc<SigningKey>,
+    /// The transparency log's key and its sequencer's wake-up.
+    pub log: Arc<crate::tlog::LogService>,
     pub stats: Arc<IntakeStats>,
     /// Wakes the background executor when an incident wants a plan (it also polls).
     pub remediation_wake: Arc<tokio::sync::Notify>,
@@ -65,6 +67,7 @@ pub struct Services {
 pub struct FirstStart {
     pub created_ca: bool,
     pub created_order_key: bool,
+    pub created_log_key: bool,
     pub created_tls_cert: bool,
 }
 
@@ -90,6 +93,9 @@ impl Services {
             first.created_order_key = true;
             key
         };
+        let (log, created_log_key) =
+            crate::tlog::load_or_create(&paths.log_key, &paths.log_vkey, &config.log_origin())?;
+        first.created_log_key = created_log_key;
         if config.tls_cert_file.is_none() && !paths.tls_cert.exists() {
             let names: Vec<&str> = config.server_names.iter().map(String::as_str).collect();
             ca.server(&names, Validity::Days(397))?.write(
@@ -106,6 +112,7 @@ impl Services {
                 archive,
                 ca: Arc::new(ca),
                 order_key: Arc::new(order_key),
+                log,
                 stats: Arc::new(IntakeStats::default()),
                 remediation_wake: Arc::new(tokio::sync::Notify::new()),
             },

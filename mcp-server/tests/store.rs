@@ -1564,3 +1564,536 @@ pub fn evidence_listing_and_counts_are_scoped_and_filtered(store: &dyn Store) ->
     );
     Ok(())
 }
+
+// ---- the transparency log (store/tlog.rs) ----
+
+mod log_cases {
+    use std::collections::HashMap;
+
+    use compliance_agent::crypto::SigningKey;
+    use compliance_agent::tlog::{
+        BundleLeaf, Checkpoint, Hash, LogSigner, LogVerifier, leaf_hash, node_hash,
+    };
+    use mcp_server::store::tlog::LeafLookup;
+
+    use super::*;
+
+    pub fn signer() -> (LogSigner, LogVerifier) {
+        let s = LogSigner::new("test.example/log", SigningKey::generate()).expect("signer");
+        let v = s.verifier();
+        (s, v)
+    }
+
+    pub fn sign_with(s: &LogSigner) -> impl Fn(u64, &Hash) -> Result<String, String> + '_ {
+        move |size, root| {
+            s.sign(&Checkpoint {
+                origin: "test.example/log".into(),
+                size,
+                root: *root,
+                extensions: vec![],
+            })
+            .map_err(|e| e.to_string())
+        }
+    }
+
+    /// A bundle record with a real SHA-256 hash (the leaf commits to it).
+    pub fn bundle(site: &str, host: &str, seq: u64) -> BundleRecord {
+        let hash = hex_sha256(&format!("{site}/{host}/{seq}"));
+        let prev = (seq > 1).then(|| hex_sha256(&format!("{site}/{host}/{}", seq - 1)));
+        BundleRecord {
+            bundle_id: format!("{site}-{host}-{seq}"),
+            ..record(site, host, seq, &hash, prev.as_deref())
+        }
+    }
+
+    pub fn leaf_of(r: &BundleRecord) -> Hash {
+        let mut sha = [0u8; 32];
+        hex::decode_to_slice(&r.hash, &mut sha).expect("hex");
+        BundleLeaf {
+            site_id: r.site_id.clone(),
+            host_id: r.host_id.clone(),
+            seq: r.seq,
+            bundle_id: r.bundle_id.clone(),
+            bundle_sha256: sha,
+        }
+        .hash()
+        .expect("leaf")
+    }
+
+    /// RFC 6962 2.1 MTH, written from the definition (memoised on ranges).
+    pub fn mth(
+        leaves: &[Hash],
+        memo: &mut HashMap<(usize, usize), Hash>,
+        a: usize,
+        b: usize,
+    ) -> Hash {
+        if let Some(h) = memo.get(&(a, b)) {
+            return *h;
+        }
+        let h = match b - a {
+            0 => {
+                use sha2::Digest as _;
+                sha2::Sha256::digest([]).into()
+            }
+            1 => leaves[a],
+            n => {
+                let k = 1usize << (usize::BITS - 1 - (n - 1).leading_zeros());
+                let l = mth(leaves, memo, a, a + k);
+                let r = mth(leaves, memo, a + k, b);
+                node_hash(&l, &r)
+            }
+        };
+        memo.insert((a, b), h);
+        h
+    }
+
+    /// RFC 9162 2.1.3.1 PATH(m, D[a:b]).
+    pub fn path(
+        leaves: &[Hash],
+        memo: &mut HashMap<(usize, usize), Hash>,
+        m: usize,
+        a: usize,
+        b: usize,
+    ) -> Vec<Hash> {
+        let n = b - a;
+        if n == 1 {
+            return vec![];
+        }
+        let k = 1usize << (usize::BITS - 1 - (n - 1).leading_zeros());
+        if m < k {
+            let mut p = path(leaves, memo, m, a, a + k);
+            p.push(mth(leaves, memo, a + k, b));
+            p
+        } else {
+            let mut p = path(leaves, memo, m - k, a + k, b);
+            p.push(mth(leaves, memo, a, a + k));
+            p
+        }
+    }
+
+    /// RFC 9162 2.1.4.1 SUBPROOF(m, D[a:b], complete).
+    pub fn subproof(
+        leaves: &[Hash],
+        memo: &mut HashMap<(usize, usize), Hash>,
+        m: usize,
+        a: usize,
+        b: usize,
+        complete: bool,
+    ) -> Vec<Hash> {
+        let n = b - a;
+        if m == n {
+            return if complete {
+                vec![]
+            } else {
+                vec![mth(leaves, memo, a, b)]
+            };
+        }
+        let k = 1usize << (usize::BITS - 1 - (n - 1).leading_zeros());
+        if m <= k {
+            let mut p = subproof(leaves, memo, m, a, a + k, complete);
+            p.push(mth(leaves, memo, a + k, b));
+            p
+        } else {
+            let mut p = subproof(leaves, memo, m - k, a + k, b, false);
+            p.push(mth(leaves, memo, a, a + k));
+            p
+        }
+    }
+
+    fn hosts(store: &dyn Store) -> TestResult {
+        store.put_site(&admin(), &site("s1", Some("acme")))?;
+        store.put_site(&admin(), &site("s2", Some("other")))?;
+        for (s, h) in [("s1", "h1"), ("s1", "h2"), ("s2", "h3")] {
+            store.add_host(&admin(), &host(s, h))?;
+        }
+        Ok(())
+    }
+
+    /// Invariant: every accepted bundle becomes exactly one leaf, in the order it was
+    /// accepted, and each checkpoint is a signed head of exactly those leaves.
+    pub fn every_bundle_becomes_one_leaf_in_order(store: &dyn Store) -> TestResult {
+        hosts(store)?;
+        let (s, v) = signer();
+        let sign = sign_with(&s);
+        assert!(store.log_latest()?.is_none(), "a new log has no checkpoint");
+        assert!(
+            store.log_sequence(10, Timestamp::now(), &sign)?.is_none(),
+            "nothing to sequence"
+        );
+        let mut accepted = Vec::new();
+        let mut checkpoints = Vec::new();
+        for round in 0..5u64 {
+            for (site_id, host_id) in [("s1", "h1"), ("s2", "h3"), ("s1", "h2")] {
+                for i in 1..=3 {
+                    let r = bundle(site_id, host_id, round * 3 + i);
+                    store.record_bundle(&Caller::host(site_id, host_id, None), &r, None, None)?;
+                    // A duplicate delivery is no second leaf.
+                    store.record_bundle(&Caller::host(site_id, host_id, None), &r, None, None)?;
+                    accepted.push(r);
+                }
+            }
+            while let Some(c) = store.log_sequence(4, Timestamp::now(), &sign)? {
+                checkpoints.push(c);
+            }
+            assert_eq!(store.log_queued()?, 0, "round {round}: nothing left queued");
+        }
+        let leaves: Vec<Hash> = accepted.iter().map(leaf_of).collect();
+        assert_eq!(
+            store.log_size()?,
+            leaves.len() as u64,
+            "one leaf per bundle"
+        );
+        let mut memo = HashMap::new();
+        for c in &checkpoints {
+            let note = v.verify(c.note.as_bytes())?;
+            assert_eq!(
+                (note.size, note.root),
+                (c.tree_size, c.root),
+                "the note says what the row says"
+            );
+            assert_eq!(
+                c.root,
+                mth(&leaves, &mut memo, 0, c.tree_size as usize),
+                "checkpoint {} is the head of the accepted bundles in order",
+                c.tree_size
+            );
+            assert_eq!(store.log_checkpoint(c.tree_size)?.as_ref(), Some(c));
+        }
+        assert_eq!(store.log_latest()?.as_ref(), checkpoints.last());
+        assert_eq!(
+            store.log_checkpoints(0, u64::MAX)?.len(),
+            checkpoints.len(),
+            "every checkpoint is kept"
+        );
+        for (i, r) in accepted.iter().enumerate() {
+            match store.log_leaf(&admin(), &r.bundle_id)? {
+                LeafLookup::Sequenced(l) => {
+                    assert_eq!(l.leaf_index, i as u64, "{} is leaf {i}", r.bundle_id);
+                    assert_eq!(l.leaf_hash, leaves[i], "with the leaf hash of its identity");
+                    assert_eq!(l.bundle_leaf()?.hash()?, leaves[i]);
+                }
+                other => panic!("{} is in the log, got {other:?}", r.bundle_id),
+            }
+        }
+        Ok(())
+    }
+
+    /// Invariant: a caller learns a leaf, or that one is pending, only for its own
+    /// tenants' bundles; for anyone else the bundle does not exist.
+    pub fn lookups_are_scoped_by_tenants(store: &dyn Store) -> TestResult {
+        hosts(store)?;
+        let (s, _) = signer();
+        let sign = sign_with(&s);
+        let mine = bundle("s1", "h1", 1);
+        let theirs = bundle("s2", "h3", 1);
+        store.record_bundle(&Caller::host("s1", "h1", None), &mine, None, None)?;
+        store.record_bundle(&Caller::host("s2", "h3", None), &theirs, None, None)?;
+        let me = Caller::host("s1", "h1", None);
+        let neighbour = Caller::host("s1", "h2", None);
+        let acme = scoped(
+            Tenants::Reseller {
+                reseller_id: "acme".into(),
+            },
+            Role::ResellerOperator,
+        );
+        assert_eq!(
+            store.log_leaf(&me, &mine.bundle_id)?,
+            LeafLookup::Pending,
+            "accepted, not yet sequenced"
+        );
+        assert_eq!(
+            store.log_leaf(&neighbour, &mine.bundle_id)?,
+            LeafLookup::Unknown,
+            "pending is not told to others"
+        );
+        store.log_sequence(100, Timestamp::now(), &sign)?;
+        assert!(matches!(
+            store.log_leaf(&me, &mine.bundle_id)?,
+            LeafLookup::Sequenced(_)
+        ));
+        assert!(
+            matches!(
+                store.log_leaf(&acme, &mine.bundle_id)?,
+                LeafLookup::Sequenced(_)
+            ),
+            "its reseller sees it"
+        );
+        for (who, caller) in [
+            ("another host of the site", &neighbour),
+            ("another reseller", &acme),
+        ] {
+            assert_eq!(
+                store.log_leaf(caller, &theirs.bundle_id)?,
+                LeafLookup::Unknown,
+                "{who}: not its bundle"
+            );
+        }
+        assert_eq!(store.log_leaf(&me, "no-such-bundle")?, LeafLookup::Unknown);
+        assert_eq!(
+            store.log_leaf(&neighbour, &mine.bundle_id)?,
+            LeafLookup::Unknown,
+            "a host sees only itself"
+        );
+        assert!(matches!(
+            store.log_leaf_by_hash(&me, &leaf_of(&mine))?,
+            LeafLookup::Sequenced(_)
+        ));
+        assert_eq!(
+            store.log_leaf_by_hash(&me, &leaf_of(&theirs))?,
+            LeafLookup::Unknown,
+            "by hash too"
+        );
+        assert_eq!(store.log_host_leaves(&me, "s1", "h1")?.len(), 1);
+        assert!(
+            store.log_host_leaves(&acme, "s2", "h3")?.is_empty(),
+            "another reseller's host's leaves"
+        );
+        let _ = leaf_hash(b"");
+        Ok(())
+    }
+
+    /// Invariant: proofs served from the stored nodes equal the RFC's PATH and SUBPROOF
+    /// for every tree size the log signed, and verify against its checkpoints.
+    pub fn proofs_from_the_store_are_the_rfc_proofs(store: &dyn Store, n: u64) -> TestResult {
+        store.put_site(&admin(), &site("s1", None))?;
+        store.add_host(&admin(), &host("s1", "h1"))?;
+        let (s, v) = signer();
+        let sign = sign_with(&s);
+        let me = Caller::host("s1", "h1", None);
+        let mut leaves = Vec::new();
+        let mut sizes = Vec::new();
+        // Batches of 1, 2, 3, ... so the log signs many sizes, odd and even.
+        let mut seq = 0;
+        let mut batch = 1;
+        while seq < n {
+            for _ in 0..batch.min(n - seq) {
+                seq += 1;
+                let r = bundle("s1", "h1", seq);
+                store.record_bundle(&me, &r, None, None)?;
+                leaves.push(leaf_of(&r));
+            }
+            while let Some(c) = store.log_sequence(batch as usize, Timestamp::now(), &sign)? {
+                sizes.push(c);
+            }
+            batch = batch % 7 + 1;
+        }
+        let (log, newest) = mcp_server::tlog::stored_log(store)?;
+        assert_eq!(newest.tree_size, n);
+        let mut memo = HashMap::new();
+        let mut previous: Option<Checkpoint> = None;
+        for c in &sizes {
+            let size = c.tree_size;
+            let cp = v.verify(c.note.as_bytes())?;
+            assert_eq!(
+                log.root(size)?,
+                mth(&leaves, &mut memo, 0, size as usize),
+                "root at {size}"
+            );
+            for index in [0, size / 2, size - 1] {
+                let proof = log.inclusion_proof(index, size)?;
+                assert_eq!(
+                    proof.hashes,
+                    path(&leaves, &mut memo, index as usize, 0, size as usize),
+                    "PATH({index}, {size})"
+                );
+                proof.verify(&leaves[index as usize], &cp)?;
+            }
+            if let Some(old) = &previous {
+                let proof = log.consistency_proof(old.size, size)?;
+                assert_eq!(
+                    proof.hashes,
+                    subproof(
+                        &leaves,
+                        &mut memo,
+                        old.size as usize,
+                        0,
+                        size as usize,
+                        true
+                    ),
+                    "SUBPROOF({}, {size})",
+                    old.size
+                );
+                proof.verify(old, &cp)?;
+            }
+            previous = Some(cp);
+        }
+        Ok(())
+    }
+
+    /// Invariant: sequencers racing in several processes (stores) on one database, while
+    /// bundles keep arriving, build one log: every bundle exactly once, contiguous
+    /// indices, and every checkpoint a head of the final tree.
+    pub fn racing_sequencers_build_one_log(stores: Vec<Box<dyn Store>>) -> TestResult {
+        let first = &stores[0];
+        hosts(&**first)?;
+        let (s, v) = signer();
+        let total = 120u64;
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| -> TestResult {
+            let writer = scope.spawn(|| -> Result<(), StoreError> {
+                for seq in 1..=total {
+                    let r = bundle("s1", "h1", seq);
+                    first.record_bundle(&Caller::host("s1", "h1", None), &r, None, None)?;
+                }
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            });
+            let sequencers: Vec<_> = stores
+                .iter()
+                .flat_map(|st| [st, st])
+                .map(|st| {
+                    let (s, done) = (&s, &done);
+                    scope.spawn(move || -> Result<(), StoreError> {
+                        let sign = sign_with(s);
+                        loop {
+                            let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+                            while st.log_sequence(7, Timestamp::now(), &sign)?.is_some() {}
+                            if finished {
+                                return Ok(());
+                            }
+                        }
+                    })
+                })
+                .collect();
+            writer.join().map_err(|_| "writer panicked")??;
+            for h in sequencers {
+                h.join().map_err(|_| "sequencer panicked")??;
+            }
+            Ok(())
+        })?;
+        let sign = sign_with(&s);
+        while first.log_sequence(100, Timestamp::now(), &sign)?.is_some() {}
+        assert_eq!(first.log_size()?, total, "every bundle once");
+        let leaves = first.log_host_leaves(&admin(), "s1", "h1")?;
+        let mut indices: Vec<u64> = leaves.iter().map(|l| l.leaf_index).collect();
+        indices.sort_unstable();
+        assert_eq!(
+            indices,
+            (0..total).collect::<Vec<_>>(),
+            "contiguous, no index twice"
+        );
+        let mut by_index = leaves.clone();
+        by_index.sort_by_key(|l| l.leaf_index);
+        let hashes: Vec<Hash> = by_index.iter().map(|l| l.leaf_hash).collect();
+        let mut memo = HashMap::new();
+        for c in first.log_checkpoints(0, u64::MAX)? {
+            v.verify(c.note.as_bytes())?;
+            assert_eq!(
+                c.root,
+                mth(&hashes, &mut memo, 0, c.tree_size as usize),
+                "checkpoint {} is a head of the one log",
+                c.tree_size
+            );
+        }
+        Ok(())
+    }
+}
+
+macro_rules! log_conformance {
+    ($backend:ident, $make:expr, $proof_leaves:expr) => {
+        mod $backend {
+            use super::*;
+            #[test]
+            fn every_bundle_becomes_one_leaf_in_order() -> TestResult {
+                let (_guard, store) = $make;
+                log_cases::every_bundle_becomes_one_leaf_in_order(&*store)
+            }
+            #[test]
+            fn lookups_are_scoped_by_tenants() -> TestResult {
+                let (_guard, store) = $make;
+                log_cases::lookups_are_scoped_by_tenants(&*store)
+            }
+            #[test]
+            fn proofs_from_the_store_are_the_rfc_proofs() -> TestResult {
+                let (_guard, store) = $make;
+                log_cases::proofs_from_the_store_are_the_rfc_proofs(&*store, $proof_leaves)
+            }
+        }
+    };
+}
+
+log_conformance!(sqlite_log, sqlite(), 600);
+log_conformance!(postgres_log, postgres(), 300);
+
+#[test]
+fn sqlite_racing_sequencers_build_one_log() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("mcp.db");
+    let stores: Vec<Box<dyn Store>> = vec![
+        Box::new(SqliteStore::open(&path)?),
+        Box::new(SqliteStore::open(&path)?),
+    ];
+    log_cases::racing_sequencers_build_one_log(stores)
+}
+
+#[test]
+fn postgres_racing_sequencers_build_one_log() -> TestResult {
+    let pg = TestPostgres::start();
+    let stores: Vec<Box<dyn Store>> = vec![
+        Box::new(PostgresStore::open(&pg.url)?),
+        Box::new(PostgresStore::open(&pg.url)?),
+    ];
+    log_cases::racing_sequencers_build_one_log(stores)
+}
+
+/// An insider editing the log's tables by hand is stopped by the database itself.
+#[test]
+fn sqlite_log_rows_cannot_be_changed_even_by_sql() -> TestResult {
+    let (dir, store) = sqlite();
+    store.put_site(&admin(), &site("s1", None))?;
+    store.add_host(&admin(), &host("s1", "h1"))?;
+    store.record_bundle(
+        &Caller::host("s1", "h1", None),
+        &log_cases::bundle("s1", "h1", 1),
+        None,
+        None,
+    )?;
+    let (s, _) = log_cases::signer();
+    store.log_sequence(10, Timestamp::now(), &log_cases::sign_with(&s))?;
+    drop(store);
+    let conn = rusqlite::Connection::open(dir.path().join("mcp.db"))?;
+    for sql in [
+        "UPDATE tlog_leaves SET bundle_sha256 = 'x'",
+        "DELETE FROM tlog_leaves",
+        "UPDATE tlog_nodes SET hash = x'00'",
+        "DELETE FROM tlog_nodes",
+        "DELETE FROM tlog_checkpoints",
+    ] {
+        let err = conn
+            .execute(sql, [])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("append-only"), "{sql} refused: {err}");
+    }
+    Ok(())
+}
+
+#[test]
+fn postgres_log_rows_cannot_be_changed_even_by_sql() -> TestResult {
+    let (pg, store) = postgres();
+    store.put_site(&admin(), &site("s1", None))?;
+    store.add_host(&admin(), &host("s1", "h1"))?;
+    store.record_bundle(
+        &Caller::host("s1", "h1", None),
+        &log_cases::bundle("s1", "h1", 1),
+        None,
+        None,
+    )?;
+    let (s, _) = log_cases::signer();
+    store.log_sequence(10, Timestamp::now(), &log_cases::sign_with(&s))?;
+    let mut sql_client = pg.admin();
+    for sql in [
+        "UPDATE tlog_leaves SET bundle_sha256 = 'x'",
+        "DELETE FROM tlog_nodes",
+        "TRUNCATE tlog_checkpoints",
+    ] {
+        let err = sql_client
+            .batch_execute(sql)
+            .err()
+            .and_then(|e| e.as_db_error().map(|d| d.message().to_owned()))
+            .unwrap_or_default();
+        assert!(err.contains("append-only"), "{sql} refused: {err}");
+    }
+    Ok(())
+}

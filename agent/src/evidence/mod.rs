@@ -94,10 +94,13 @@ pub enum Check {
     /// The software bill of materials of the running system's closure; the
     /// document is stored beside bundle.json (sbom.cdx.json).
     Sbom,
+    /// The box as a witness of the MSP's transparency log: a checkpoint that does
+    /// not verify, or a log whose history does not extend what the box saw before.
+    LogWitness,
 }
 
 impl Check {
-    pub const ALL: [Check; 12] = [
+    pub const ALL: [Check; 13] = [
         Check::Patching,
         Check::AvHealth,
         Check::Backup,
@@ -110,6 +113,7 @@ impl Check {
         Check::McpOrder,
         Check::EvidenceIntegrity,
         Check::Sbom,
+        Check::LogWitness,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -126,6 +130,7 @@ impl Check {
             Check::McpOrder => "mcp_order",
             Check::EvidenceIntegrity => "evidence_integrity",
             Check::Sbom => "sbom",
+            Check::LogWitness => "log_witness",
         }
     }
 
@@ -141,6 +146,7 @@ impl Check {
             Check::McpOrder => Some("`orders poll`"),
             Check::EvidenceIntegrity => Some("the evidence writer itself"),
             Check::Sbom => Some("`compliance-agent sbom`"),
+            Check::LogWitness => Some("the log witness at each order poll"),
             _ => None,
         }
     }
@@ -169,6 +175,8 @@ impl Check {
             Check::EvidenceIntegrity => &["164.312(c)(1)", "164.312(b)"],
             // Evaluation: what software the box ran, for technical reviews.
             Check::Sbom => &["164.308(a)(8)"],
+            // Integrity of the evidence the MSP holds, and audit controls.
+            Check::LogWitness => &["164.312(c)(1)", "164.312(b)"],
         }
     }
 }

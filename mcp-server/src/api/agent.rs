@@ -57,6 +57,12 @@ pub fn router(state: AgentState, intercept: Option<Intercept>) -> Router {
             "/api/v1/hosts/{site}/{host}/orders/{order_id}/result",
             post(result),
         )
+        .route("/api/v1/log/checkpoint", get(super::log::agent_checkpoint))
+        .route("/api/v1/log/inclusion", get(super::log::agent_inclusion))
+        .route(
+            "/api/v1/log/consistency",
+            get(super::log::agent_consistency),
+        )
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state);
@@ -120,7 +126,7 @@ fn api_key_ok(state: &AgentState, headers: &HeaderMap) -> bool {
 }
 
 /// Decides who the caller is: the enrolled host its certificate names, or a refusal (audited).
-async fn identify(
+pub(crate) async fn identify(
     state: &AgentState,
     info: &ConnInfo,
     headers: &HeaderMap,
@@ -345,6 +351,9 @@ async fn upload(
     .await?;
     match result {
         Ok(receipt) => {
+            if receipt.status == "stored" {
+                state.svc.log.wake();
+            }
             let mut body = json!({ "bundle_id": receipt.bundle_id, "status": receipt.status });
             if let Some(id) = order_id {
                 body["order_id"] = json!(id);

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod incidents;
 pub mod listener;
+pub mod log;
 pub mod mcp;
 pub mod ops;
 

@@ -34,6 +34,7 @@ pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
         (name = "orders", description = "Signed orders under the central guardrails"),
         (name = "audit", description = "The append-only log of operator actions and refusals"),
         (name = "incidents", description = "Incidents from the boxes' evidence, their plans, and the orders made from them"),
+        (name = "log", description = "The transparency log: signed checkpoints, inclusion and consistency proofs"),
         (name = "meta", description = "This document"),
     )
 )]
@@ -69,6 +70,9 @@ fn documented() -> OpenApiRouter<Services> {
         .routes(routes!(orders, order_create))
         .routes(routes!(order_approve))
         .routes(routes!(audit))
+        .routes(routes!(super::log::ops_checkpoint))
+        .routes(routes!(super::log::ops_inclusion))
+        .routes(routes!(super::log::ops_consistency))
         .routes(routes!(openapi_json))
         .merge(super::incidents::routes())
 }

@@ -7,6 +7,7 @@ pub mod evidence_query;
 pub mod incidents;
 pub mod postgres;
 pub mod sqlite;
+pub mod tlog;
 
 use compliance_agent::evidence::chain::{ChainProblem, StoredLink};
 use jiff::Timestamp;
@@ -238,7 +239,12 @@ pub struct AuditEntry {
 /// The database. Implementations: [`sqlite::SqliteStore`] and [`postgres::PostgresStore`];
 /// the conformance suite in tests/store.rs runs against each. Calls block: async callers use `spawn_blocking`.
 pub trait Store:
-    console::ConsoleStore + evidence_query::EvidenceQuery + incidents::IncidentStore + Send + Sync
+    console::ConsoleStore
+    + evidence_query::EvidenceQuery
+    + incidents::IncidentStore
+    + tlog::LogStore
+    + Send
+    + Sync
 {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;

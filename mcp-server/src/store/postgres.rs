@@ -36,6 +36,8 @@ use super::{
 };
 use crate::auth::{Caller, Role, Tenants, hashes_equal};
 
+mod tlog;
+
 /// The migrations, in order. Append only: a released file is never edited (the
 /// store refuses a database whose applied migration differs from this text).
 pub const MIGRATIONS: &[(u32, &str, &str)] = &[
@@ -48,6 +50,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         2,
         "incidents",
         include_str!("../../migrations/postgres/0002_incidents.sql"),
+    ),
+    (
+        3,
+        "transparency_log",
+        include_str!("../../migrations/postgres/0003_transparency_log.sql"),
     ),
     (
         4,

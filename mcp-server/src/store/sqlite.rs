@@ -22,6 +22,8 @@ use super::{
 };
 use crate::auth::{Caller, Role, Tenants, hashes_equal};
 
+mod tlog;
+
 /// The migrations, in order. Append only: a released file is never edited (the
 /// store refuses a database whose applied migration differs from this text).
 pub const MIGRATIONS: &[(u32, &str, &str)] = &[
@@ -34,6 +36,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         2,
         "incidents",
         include_str!("../../migrations/sqlite/0002_incidents.sql"),
+    ),
+    (
+        3,
+        "transparency_log",
+        include_str!("../../migrations/sqlite/0003_transparency_log.sql"),
     ),
     (
         4,

@@ -2097,3 +2097,56 @@ fn postgres_log_rows_cannot_be_changed_even_by_sql() -> TestResult {
     }
     Ok(())
 }
+
+/// A burst of more concurrent requests than PostgreSQL accepts connections (its
+/// default `max_connections` is 100) is served, not refused: the store holds at most
+/// `MAX_OPEN` connections and the rest wait for one, so every delivery is stored.
+#[test]
+fn postgres_burst_beyond_max_connections_waits_instead_of_failing() -> TestResult {
+    const CALLERS: usize = 400;
+    let pg = TestPostgres::start();
+    let store = PostgresStore::open(&pg.url)?;
+    store.put_site(&admin(), &site("s1", None))?;
+    for i in 0..CALLERS {
+        store.add_host(&admin(), &host("s1", &format!("h{i}")))?;
+    }
+    let writers = (0..CALLERS)
+        .map(|i| {
+            let store = &store;
+            Box::new(move || {
+                let h = format!("h{i}");
+                let me = Caller::host("s1", &h, None);
+                let mut prev: Option<String> = None;
+                for seq in 1..=3u64 {
+                    let hash = format!("{h}-{seq}");
+                    store.record_bundle(
+                        &me,
+                        &record("s1", &h, seq, &hash, prev.as_deref()),
+                        None,
+                        None,
+                    )?;
+                    prev = Some(hash);
+                }
+                Ok::<_, StoreError>(())
+            }) as Box<dyn FnOnce() -> _ + Send>
+        })
+        .collect();
+    let results: Vec<Result<(), StoreError>> = race(writers);
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+        .collect();
+    assert!(failed.is_empty(), "every caller is served: {failed:?}");
+    let peak: i64 = pg
+        .admin()
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'mcp'",
+            &[],
+        )?
+        .get(0);
+    assert!(
+        peak as usize <= mcp_server::store::postgres::MAX_OPEN + 1,
+        "the store keeps within its cap: {peak} connections"
+    );
+    Ok(())
+}

@@ -65,6 +65,13 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
 
 /// Connections kept open between calls.
 const MAX_IDLE: usize = 16;
+/// Connections one store (one server process) has open at most. Requests beyond it wait
+/// for a free one (up to `CONNECTION_WAIT`) instead of opening more: PostgreSQL's own
+/// limit (`max_connections`, 100 by default) is shared by every server process, and a
+/// refused connection would turn a burst of uploads into 503s.
+pub const MAX_OPEN: usize = 32;
+/// How long a request waits for one of the `MAX_OPEN` connections.
+const CONNECTION_WAIT: Duration = Duration::from_secs(30);
 /// A connection idle longer than this is checked before it is used again (a database
 /// restarted meanwhile would otherwise fail the first call on every pooled connection).
 const CHECK_AFTER_IDLE: Duration = Duration::from_secs(10);
@@ -78,6 +85,9 @@ pub struct PostgresStore {
     /// Where the database is, for messages (never the password).
     target: String,
     idle: Mutex<Vec<(Client, Instant)>>,
+    /// Connections handed out now (at most `MAX_OPEN`), and the signal that one came back.
+    in_use: Mutex<usize>,
+    returned: std::sync::Condvar,
 }
 
 impl Drop for PostgresStore {
@@ -122,6 +132,7 @@ impl Drop for Conn<'_> {
         {
             idle.push((client, Instant::now()));
         }
+        self.store.release_slot();
     }
 }
 
@@ -467,12 +478,58 @@ impl PostgresStore {
             config,
             target,
             idle: Mutex::new(Vec::new()),
+            in_use: Mutex::new(0),
+            returned: std::sync::Condvar::new(),
         };
         store.migrate()?;
         Ok(store)
     }
 
+    /// Takes one of the `MAX_OPEN` slots, waiting for one to come back if all are taken.
+    fn take_slot(&self) -> Result<()> {
+        let poisoned = || StoreError::Backend("connection pool lock poisoned".into());
+        let deadline = Instant::now() + CONNECTION_WAIT;
+        let mut n = self.in_use.lock().map_err(|_| poisoned())?;
+        while *n >= MAX_OPEN {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(StoreError::Unavailable(format!(
+                    "all {MAX_OPEN} connections to PostgreSQL ({}) stayed busy for {} s",
+                    self.target,
+                    CONNECTION_WAIT.as_secs()
+                )));
+            }
+            n = self
+                .returned
+                .wait_timeout(n, left)
+                .map_err(|_| poisoned())?
+                .0;
+        }
+        *n += 1;
+        Ok(())
+    }
+
+    fn release_slot(&self) {
+        if let Ok(mut n) = self.in_use.lock() {
+            *n = n.saturating_sub(1);
+        }
+        self.returned.notify_one();
+    }
+
     fn conn(&self) -> Result<Conn<'_>> {
+        self.take_slot()?;
+        // From here the slot is released by the Conn's drop, or below on failure.
+        let got = self.checkout();
+        if got.is_err() {
+            self.release_slot();
+        }
+        got.map(|client| Conn {
+            store: self,
+            client: Some(client),
+        })
+    }
+
+    fn checkout(&self) -> Result<Client> {
         let mut client = None;
         loop {
             let pooled = self
@@ -490,19 +547,15 @@ impl PostgresStore {
             client = Some(c);
             break;
         }
-        let client = match client {
-            Some(c) => c,
+        match client {
+            Some(c) => Ok(c),
             None => self.config.connect(NoTls).map_err(|e| {
                 StoreError::Unavailable(format!(
                     "cannot connect to PostgreSQL ({}): {e}",
                     self.target
                 ))
-            })?,
-        };
-        Ok(Conn {
-            store: self,
-            client: Some(client),
-        })
+            }),
+        }
     }
 
     /// The value of a server setting in this store's sessions (e.g. `synchronous_commit`).

@@ -333,9 +333,12 @@ in
             }
           ];
         };
+        # postgresql.target is reached once the server runs and ensureDatabases and
+        # ensureUsers are applied (postgresql-setup.service, nixpkgs 25.11); the unit
+        # needs its role and database, not only a listening server.
         systemd.services.mcp-server = {
-          after = [ "postgresql.service" ];
-          requires = [ "postgresql.service" ];
+          after = [ "postgresql.target" ];
+          requires = [ "postgresql.target" ];
         };
       })
 

@@ -12,10 +12,12 @@
 //!
 //! Run: `cargo bench -p mcp-server --bench intake`
 //!
-//! Backends side by side: `INTAKE_BENCH_DATABASES` lists database URLs separated by
-//! spaces; `sqlite` (the default) is a fresh SQLite file in the state directory, any
-//! other entry is passed as `database_url` (for example `postgres://...`) to a server
-//! whose state is otherwise fresh. The server is the release `mcp-server` binary in a
+//! Backends side by side: `INTAKE_BENCH_DATABASES` lists databases separated by spaces
+//! (default `sqlite postgres`): `sqlite` is a fresh SQLite file in the state directory,
+//! `postgres` a throwaway PostgreSQL cluster from Debian's `postgresql` package (the
+//! tests' own, tests/support/postgres.rs: initdb in a temporary directory, a Unix
+//! socket), and any other entry is passed as `database_url` (for example
+//! `postgres://...`) to a server whose state is otherwise fresh. The server is the release `mcp-server` binary in a
 //! process of its own, so its RSS is its own. BENCH_DIR sets where state goes.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -34,6 +36,11 @@ use hyper_util::rt::TokioIo;
 use mcp_server::auth::Caller;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+// The tests' throwaway cluster; the benchmark uses only part of its API.
+#[allow(dead_code)]
+#[path = "../tests/support/postgres.rs"]
+mod postgres_support;
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -423,7 +430,7 @@ fn run(work: &Path, database: &str, template: &[Vec<(Vec<u8>, Vec<u8>)>]) -> Ben
 
 fn main() -> BenchResult<()> {
     let databases: Vec<String> = std::env::var("INTAKE_BENCH_DATABASES")
-        .unwrap_or_else(|_| "sqlite".into())
+        .unwrap_or_else(|_| "sqlite postgres".into())
         .split_whitespace()
         .map(str::to_owned)
         .collect();
@@ -459,7 +466,12 @@ fn main() -> BenchResult<()> {
 
     let mut runs = Vec::new();
     for db in &databases {
-        runs.push(run(work.path(), db, &template)?);
+        if db == "postgres" {
+            let cluster = postgres_support::TestPostgres::start();
+            runs.push(run(work.path(), &cluster.url, &template)?);
+        } else {
+            runs.push(run(work.path(), db, &template)?);
+        }
     }
 
     println!();

@@ -76,23 +76,34 @@ pub fn valid_id(id: &str) -> bool {
 /// Writes a file atomically and durably (temp file, fsync, rename, fsync of the
 /// directory) with `mode`; used for keys, certificates and archive objects.
 pub fn write_durable(path: &std::path::Path, data: &[u8], mode: u32) -> Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
     let dir = path
         .parent()
         .ok_or_else(|| Error::Invalid(format!("{} has no parent directory", path.display())))?;
     std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
     let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
+    write_new_synced(&tmp, data, mode)?;
+    std::fs::rename(&tmp, path).map_err(Error::io(path))?;
+    sync_dir(dir)
+}
+
+/// Creates `path` (which must not exist) with `data` and `mode` and fsyncs the file,
+/// not its directory: for files written into a directory that is synced once after
+/// all of them.
+pub fn write_new_synced(path: &std::path::Path, data: &[u8], mode: u32) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
-        .open(&tmp)
-        .map_err(Error::io(&tmp))?;
-    f.write_all(data).map_err(Error::io(&tmp))?;
-    f.sync_all().map_err(Error::io(&tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(Error::io(path))?;
+        .open(path)
+        .map_err(Error::io(path))?;
+    f.write_all(data).map_err(Error::io(path))?;
+    f.sync_all().map_err(Error::io(path))
+}
+
+/// Fsyncs a directory, making the entries created or renamed in it durable.
+pub fn sync_dir(dir: &std::path::Path) -> Result<()> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(Error::io(dir))

@@ -236,6 +236,128 @@ pub fn record_bundle_enforces_the_chain(store: &dyn Store) -> TestResult {
     Ok(())
 }
 
+/// Concurrent deliveries answer as some serial order would: many threads deliver valid
+/// chains mixed with forks, wrong predecessors and duplicates for several hosts at
+/// once (on SQLite through the group commit, on PostgreSQL through the pool). Whatever
+/// the interleaving, every bundle answered `stored` is in the index with its hash, no
+/// refused one is, each seq holds one hash, stored neighbours link, and each stored
+/// row was answered `stored` exactly once.
+pub fn concurrent_deliveries_match_a_serial_order(store: &dyn Store) -> TestResult {
+    use rand::{Rng as _, SeedableRng as _, seq::SliceRandom as _};
+    const HOSTS: usize = 4;
+    const CHAIN: u64 = 8;
+    const THREADS: usize = 8;
+    store.put_site(&admin(), &site("s1", None))?;
+    for round in 0..6u64 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(round);
+        let mut deliveries = Vec::new();
+        for h in 0..HOSTS {
+            let host_id = format!("r{round}h{h}");
+            store.add_host(&admin(), &host("s1", &host_id))?;
+            let mut prev: Option<String> = None;
+            for seq in 1..=CHAIN {
+                let hash = format!("{host_id}-{seq}");
+                deliveries.push(record("s1", &host_id, seq, &hash, prev.as_deref()));
+                match rng.gen_range(0..4) {
+                    0 => deliveries.push(record(
+                        "s1",
+                        &host_id,
+                        seq,
+                        &format!("{hash}-fork"),
+                        prev.as_deref(),
+                    )),
+                    1 => deliveries.push(record("s1", &host_id, seq, &hash, prev.as_deref())),
+                    2 => deliveries.push(record(
+                        "s1",
+                        &host_id,
+                        seq,
+                        &format!("{hash}-bad"),
+                        Some("nowhere"),
+                    )),
+                    _ => {}
+                }
+                prev = Some(hash);
+            }
+        }
+        deliveries.shuffle(&mut rng);
+        let mut lanes: Vec<Vec<BundleRecord>> = vec![Vec::new(); THREADS];
+        for (i, d) in deliveries.into_iter().enumerate() {
+            lanes[i % THREADS].push(d);
+        }
+        let writers = lanes
+            .into_iter()
+            .map(|lane| {
+                Box::new(move || {
+                    lane.into_iter()
+                        .map(|rec| {
+                            let me = Caller::host("s1", &rec.host_id, None);
+                            let answer = store.record_bundle(&me, &rec, None, None);
+                            (rec, answer)
+                        })
+                        .collect::<Vec<_>>()
+                }) as Box<dyn FnOnce() -> _ + Send>
+            })
+            .collect();
+        let answers: Vec<(BundleRecord, Result<Recorded, StoreError>)> =
+            race(writers).into_iter().flatten().collect();
+        for h in 0..HOSTS {
+            let host_id = format!("r{round}h{h}");
+            let me = Caller::host("s1", &host_id, None);
+            let mine: Vec<_> = answers
+                .iter()
+                .filter(|(r, _)| r.host_id == host_id)
+                .collect();
+            let seqs = store.seqs(&me, "s1", &host_id)?;
+            let mut stored_hashes = std::collections::BTreeMap::new();
+            for seq in &seqs {
+                let link = store
+                    .neighbours(&me, "s1", &host_id, *seq)?
+                    .same_seq
+                    .ok_or("a listed seq has a link")?;
+                stored_hashes.insert(*seq, link);
+            }
+            for (rec, answer) in &mine {
+                let held = stored_hashes.get(&rec.seq).map(|l| l.hash.as_str());
+                match answer {
+                    Ok(_) => assert_eq!(
+                        held,
+                        Some(rec.hash.as_str()),
+                        "round {round}: {} answered {answer:?} is in the index",
+                        rec.bundle_id
+                    ),
+                    Err(e) => assert_ne!(
+                        held,
+                        Some(rec.hash.as_str()),
+                        "round {round}: {} refused ({e}) is not in the index, unless an identical delivery was stored",
+                        rec.bundle_id
+                    ),
+                }
+            }
+            for (seq, link) in &stored_hashes {
+                let stored_answers = mine
+                    .iter()
+                    .filter(|(r, a)| {
+                        r.seq == *seq && r.hash == link.hash && matches!(a, Ok(Recorded::Stored))
+                    })
+                    .count();
+                assert_eq!(
+                    stored_answers, 1,
+                    "round {round}: {host_id} seq {seq} was answered stored once"
+                );
+                if let Some(next) = stored_hashes.get(&(seq + 1)) {
+                    assert_eq!(
+                        next.prev_hash.as_deref(),
+                        Some(link.hash.as_str()),
+                        "round {round}: {host_id} seq {} links to seq {seq}",
+                        seq + 1
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The audit log appends and never changes; operators authenticate by hash.
 pub fn audit_is_append_only_and_operators_authenticate(store: &dyn Store) -> TestResult {
     let id = store.append_audit(&AuditEntry {
@@ -607,6 +729,11 @@ macro_rules! conformance {
             fn record_bundle_enforces_the_chain() -> TestResult {
                 let (_guard, store) = $make;
                 super::record_bundle_enforces_the_chain(&*store)
+            }
+            #[test]
+            fn concurrent_deliveries_match_a_serial_order() -> TestResult {
+                let (_guard, store) = $make;
+                super::concurrent_deliveries_match_a_serial_order(&*store)
             }
             #[test]
             fn audit_is_append_only_and_operators_authenticate() -> TestResult {

@@ -31,6 +31,28 @@ impl LocalArchive {
     }
 }
 
+/// Creates `dir` and any missing ancestors, fsyncing the parent of each one created,
+/// so a host's first object does not hang from a directory a crash can lose.
+fn create_dirs_durable(dir: &Path) -> Result<()> {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_dirs_durable(parent)?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(unavailable(dir, e)),
+    }
+    match dir.parent() {
+        Some(parent) => {
+            crate::sync_dir(parent).map_err(|e| ArchiveError::Unavailable(e.to_string()))
+        }
+        None => Ok(()),
+    }
+}
+
 fn read_opt(path: &Path) -> Result<Option<Vec<u8>>> {
     match std::fs::read(path) {
         Ok(b) => Ok(Some(b)),
@@ -73,21 +95,22 @@ impl Archive for LocalArchive {
         let parent = dir
             .parent()
             .ok_or_else(|| ArchiveError::Unusable(format!("{} has no parent", dir.display())))?;
-        std::fs::create_dir_all(parent).map_err(|e| unavailable(parent, e))?;
+        create_dirs_durable(parent)?;
         let tmp = parent.join(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
+        // Five fsyncs per object: its three files, the new directory's entries, and
+        // the rename into the parent.
         let write = || -> crate::Result<()> {
             std::fs::create_dir_all(&tmp).map_err(crate::Error::io(&tmp))?;
-            crate::write_durable(&tmp.join(BUNDLE_FILE), json, 0o444)?;
-            crate::write_durable(&tmp.join(SIGNATURE_FILE), sig, 0o444)?;
-            crate::write_durable(
+            crate::write_new_synced(&tmp.join(BUNDLE_FILE), json, 0o444)?;
+            crate::write_new_synced(&tmp.join(SIGNATURE_FILE), sig, 0o444)?;
+            crate::write_new_synced(
                 &tmp.join(RETAIN_FILE),
                 retain_until.to_string().as_bytes(),
                 0o444,
             )?;
+            crate::sync_dir(&tmp)?;
             std::fs::rename(&tmp, &dir).map_err(crate::Error::io(&dir))?;
-            std::fs::File::open(parent)
-                .and_then(|d| d.sync_all())
-                .map_err(crate::Error::io(parent))
+            crate::sync_dir(parent)
         };
         write().map_err(|e| {
             let _ = std::fs::remove_dir_all(&tmp);

@@ -34,8 +34,61 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     ),
 ];
 
+/// One writer connection (SQLite allows one writer at a time) and a pool of read
+/// connections (WAL readers run beside the writer and see committed data only).
+/// Bundle records are group-committed: every `record_bundle` waiting while a commit
+/// runs goes into the next transaction together, each in its own savepoint, and each
+/// caller is answered only after that transaction's commit is durable.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    path: std::path::PathBuf,
+    readers: Mutex<Vec<Connection>>,
+    waiting: Mutex<Vec<WaitingRecord>>,
+}
+
+/// Idle read connections kept open; more may be open at once, the rest are closed.
+const IDLE_READERS: usize = 16;
+
+/// A `record_bundle` call waiting for the next group commit.
+struct WaitingRecord {
+    caller: Caller,
+    record: BundleRecord,
+    result_for: Option<String>,
+    error: Option<String>,
+    answer: std::sync::mpsc::SyncSender<Result<Recorded>>,
+}
+
+/// A read connection from the pool, returned to it on drop.
+struct Reader<'a> {
+    store: &'a SqliteStore,
+    conn: Option<Connection>,
+}
+
+impl std::ops::Deref for Reader<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.conn
+            .as_ref()
+            .expect("a reader holds its connection until dropped")
+    }
+}
+
+impl Drop for Reader<'_> {
+    fn drop(&mut self) {
+        if let (Some(conn), Ok(mut idle)) = (self.conn.take(), self.store.readers.lock())
+            && idle.len() < IDLE_READERS
+        {
+            idle.push(conn);
+        }
+    }
+}
+
+/// The same error for every caller of a failed group commit.
+fn batch_error(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+        other => StoreError::Backend(other.to_string()),
+    }
 }
 
 fn db(e: rusqlite::Error) -> StoreError {
@@ -222,6 +275,9 @@ impl SqliteStore {
         conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
         let store = Self {
             conn: Mutex::new(conn),
+            path: path.to_owned(),
+            readers: Mutex::new(Vec::new()),
+            waiting: Mutex::new(Vec::new()),
         };
         store.migrate()?;
         Ok(store)
@@ -231,6 +287,146 @@ impl SqliteStore {
         self.conn
             .lock()
             .map_err(|_| StoreError::Backend("connection lock poisoned".into()))
+    }
+
+    /// A read connection: an idle one from the pool, or a new one.
+    fn reader(&self) -> Result<Reader<'_>> {
+        let idle = self
+            .readers
+            .lock()
+            .map_err(|_| StoreError::Backend("reader pool lock poisoned".into()))?
+            .pop();
+        let conn = match idle {
+            Some(c) => c,
+            None => {
+                let c = Connection::open_with_flags(
+                    &self.path,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                        | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )
+                .map_err(|e| {
+                    StoreError::Unavailable(format!("cannot open {}: {e}", self.path.display()))
+                })?;
+                c.busy_timeout(std::time::Duration::from_secs(10))
+                    .map_err(db)?;
+                c
+            }
+        };
+        Ok(Reader {
+            store: self,
+            conn: Some(conn),
+        })
+    }
+
+    /// Records every waiting bundle in one transaction, each in a savepoint of its own
+    /// (one refused bundle does not undo the others), and answers each caller after
+    /// the commit; if the commit fails, every caller gets the error and nothing of the
+    /// batch is stored.
+    fn commit_waiting(&self, conn: &mut Connection, batch: Vec<WaitingRecord>) {
+        let run = |conn: &mut Connection| -> Result<Vec<Result<Recorded>>> {
+            let mut tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db)?;
+            let mut answers = Vec::with_capacity(batch.len());
+            for w in &batch {
+                let sp = tx.savepoint().map_err(db)?;
+                let answer = self.record_in(
+                    &sp,
+                    &w.caller,
+                    &w.record,
+                    w.result_for.as_deref(),
+                    w.error.as_deref(),
+                );
+                if answer.is_ok() {
+                    sp.commit().map_err(db)?;
+                } // else: dropping the savepoint rolls it back.
+                answers.push(answer);
+            }
+            tx.commit().map_err(db)?;
+            Ok(answers)
+        };
+        match run(conn) {
+            Ok(answers) => {
+                for (w, answer) in batch.into_iter().zip(answers) {
+                    let _ = w.answer.send(answer);
+                }
+            }
+            Err(e) => {
+                for w in batch {
+                    let _ = w.answer.send(Err(batch_error(&e)));
+                }
+            }
+        }
+    }
+
+    /// One bundle's record inside the group commit's transaction.
+    fn record_in(
+        &self,
+        tx: &Connection,
+        caller: &Caller,
+        record: &BundleRecord,
+        result_for: Option<&str>,
+        error: Option<&str>,
+    ) -> Result<Recorded> {
+        self.visible_host(tx, caller, &record.site_id, &record.host_id)?;
+        let existing: Option<(String, String, String)> = tx
+            .query_row(
+                "SELECT hash, site_id, host_id FROM bundles WHERE bundle_id = ?1",
+                params![record.bundle_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(db)?;
+        let recorded = match existing {
+            Some((hash, site, host))
+                if hash == record.hash && site == record.site_id && host == record.host_id =>
+            {
+                Recorded::Duplicate
+            }
+            Some(_) => return Err(StoreError::BundleConflict(record.bundle_id.clone())),
+            None => {
+                let n = neighbours_in(tx, &record.site_id, &record.host_id, record.seq)?;
+                check_link(
+                    record.seq,
+                    record.prev_hash.as_deref(),
+                    &record.hash,
+                    n.previous.as_ref(),
+                    n.same_seq.as_ref(),
+                    n.next.as_ref(),
+                )?;
+                tx.execute(
+                    &format!("INSERT INTO bundles ({BUNDLE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+                    params![
+                        record.bundle_id, record.site_id, record.host_id, seq_sql(record.seq)?,
+                        record.hash, record.prev_hash, record.check, record.outcome,
+                        micros(record.timestamp_end), micros(record.received_at), record.archive_key, record.order_id
+                    ],
+                )
+                .map_err(db)?;
+                tx.execute(
+                    "INSERT INTO latest_results (site_id, host_id, check_name, outcome, bundle_id, timestamp_end) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (site_id, host_id, check_name) DO UPDATE SET outcome = excluded.outcome, bundle_id = excluded.bundle_id, timestamp_end = excluded.timestamp_end
+                     WHERE excluded.timestamp_end >= latest_results.timestamp_end",
+                    params![record.site_id, record.host_id, record.check, record.outcome, record.bundle_id, micros(record.timestamp_end)],
+                )
+                .map_err(db)?;
+                Recorded::Stored
+            }
+        };
+        tx.execute(
+            "UPDATE hosts SET last_seen = MAX(COALESCE(last_seen, 0), ?3) WHERE site_id = ?1 AND host_id = ?2",
+            params![record.site_id, record.host_id, micros(record.received_at)],
+        )
+        .map_err(db)?;
+        if let Some(order_id) = result_for {
+            tx.execute(
+                "UPDATE orders SET state = 'answered', result_bundle_id = ?4, result_outcome = ?5, result_error = ?6, answered_at = ?7
+                 WHERE order_id = ?1 AND site_id = ?2 AND host_id = ?3 AND state != 'answered'",
+                params![order_id, record.site_id, record.host_id, record.bundle_id, record.outcome, error, micros(record.received_at)],
+            )
+            .map_err(db)?;
+        }
+        Ok(recorded)
     }
 
     fn migrate(&self) -> Result<()> {
@@ -393,13 +589,13 @@ impl Store for SqliteStore {
     }
 
     fn site(&self, caller: &Caller, site_id: &str) -> Result<Option<Site>> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         Ok(Self::site_in(&conn, site_id)?
             .filter(|s| caller.sees(s.reseller_id.as_deref(), &s.site_id, None)))
     }
 
     fn sites(&self, caller: &Caller) -> Result<Vec<Site>> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let ids: Vec<String> = {
             let mut stmt = conn
                 .prepare("SELECT site_id FROM sites ORDER BY site_id")
@@ -437,7 +633,7 @@ impl Store for SqliteStore {
     }
 
     fn enrollment_token(&self, secret_hash: &[u8; 32]) -> Result<Option<EnrollmentToken>> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let found = conn
             .query_row(
                 "SELECT secret_hash, token_id, site_id, uses_left, expires_at, created_by, created_at FROM enrollment_tokens WHERE secret_hash = ?1",
@@ -520,13 +716,13 @@ impl Store for SqliteStore {
     }
 
     fn host(&self, caller: &Caller, site_id: &str, host_id: &str) -> Result<Option<Host>> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         Ok(Self::host_in(&conn, site_id, host_id)?
             .filter(|h| caller.sees(h.reseller_id.as_deref(), site_id, Some(host_id))))
     }
 
     fn hosts(&self, caller: &Caller) -> Result<Vec<Host>> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let (clause, values) = scope(caller, "h.site_id", "s.reseller_id", "h.host_id");
         let mut stmt = conn
             .prepare(&format!(
@@ -561,7 +757,7 @@ impl Store for SqliteStore {
     }
 
     fn bundle(&self, caller: &Caller, bundle_id: &str) -> Result<Option<BundleRecord>> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let record = conn
             .query_row(
                 &format!("SELECT {BUNDLE_COLS} FROM bundles WHERE bundle_id = ?1"),
@@ -586,7 +782,7 @@ impl Store for SqliteStore {
         host_id: &str,
         seq: u64,
     ) -> Result<Neighbours> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         self.visible_host(&conn, caller, site_id, host_id)?;
         neighbours_in(&conn, site_id, host_id, seq)
     }
@@ -598,74 +794,38 @@ impl Store for SqliteStore {
         result_for: Option<&str>,
         error: Option<&str>,
     ) -> Result<Recorded> {
-        let mut conn = self.conn()?;
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
-        self.visible_host(&tx, caller, &record.site_id, &record.host_id)?;
-        let existing: Option<(String, String, String)> = tx
-            .query_row(
-                "SELECT hash, site_id, host_id FROM bundles WHERE bundle_id = ?1",
-                params![record.bundle_id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()
-            .map_err(db)?;
-        let recorded = match existing {
-            Some((hash, site, host))
-                if hash == record.hash && site == record.site_id && host == record.host_id =>
-            {
-                Recorded::Duplicate
+        let (answer, answered) = std::sync::mpsc::sync_channel(1);
+        self.waiting
+            .lock()
+            .map_err(|_| StoreError::Backend("group commit queue lock poisoned".into()))?
+            .push(WaitingRecord {
+                caller: caller.clone(),
+                record: record.clone(),
+                result_for: result_for.map(str::to_owned),
+                error: error.map(str::to_owned),
+                answer,
+            });
+        // Whoever holds the writer next commits everything waiting, ours included unless
+        // the holder before already did (it answers before letting the writer go).
+        {
+            let mut conn = self.conn()?;
+            let batch = std::mem::take(
+                &mut *self
+                    .waiting
+                    .lock()
+                    .map_err(|_| StoreError::Backend("group commit queue lock poisoned".into()))?,
+            );
+            if !batch.is_empty() {
+                self.commit_waiting(&mut conn, batch);
             }
-            Some(_) => return Err(StoreError::BundleConflict(record.bundle_id.clone())),
-            None => {
-                let n = neighbours_in(&tx, &record.site_id, &record.host_id, record.seq)?;
-                check_link(
-                    record.seq,
-                    record.prev_hash.as_deref(),
-                    &record.hash,
-                    n.previous.as_ref(),
-                    n.same_seq.as_ref(),
-                    n.next.as_ref(),
-                )?;
-                tx.execute(
-                    &format!("INSERT INTO bundles ({BUNDLE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
-                    params![
-                        record.bundle_id, record.site_id, record.host_id, seq_sql(record.seq)?,
-                        record.hash, record.prev_hash, record.check, record.outcome,
-                        micros(record.timestamp_end), micros(record.received_at), record.archive_key, record.order_id
-                    ],
-                )
-                .map_err(db)?;
-                tx.execute(
-                    "INSERT INTO latest_results (site_id, host_id, check_name, outcome, bundle_id, timestamp_end) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT (site_id, host_id, check_name) DO UPDATE SET outcome = excluded.outcome, bundle_id = excluded.bundle_id, timestamp_end = excluded.timestamp_end
-                     WHERE excluded.timestamp_end >= latest_results.timestamp_end",
-                    params![record.site_id, record.host_id, record.check, record.outcome, record.bundle_id, micros(record.timestamp_end)],
-                )
-                .map_err(db)?;
-                Recorded::Stored
-            }
-        };
-        tx.execute(
-            "UPDATE hosts SET last_seen = MAX(COALESCE(last_seen, 0), ?3) WHERE site_id = ?1 AND host_id = ?2",
-            params![record.site_id, record.host_id, micros(record.received_at)],
-        )
-        .map_err(db)?;
-        if let Some(order_id) = result_for {
-            tx.execute(
-                "UPDATE orders SET state = 'answered', result_bundle_id = ?4, result_outcome = ?5, result_error = ?6, answered_at = ?7
-                 WHERE order_id = ?1 AND site_id = ?2 AND host_id = ?3 AND state != 'answered'",
-                params![order_id, record.site_id, record.host_id, record.bundle_id, record.outcome, error, micros(record.received_at)],
-            )
-            .map_err(db)?;
         }
-        tx.commit().map_err(db)?;
-        Ok(recorded)
+        answered.recv().map_err(|_| {
+            StoreError::Backend("the group commit ended without answering this bundle".into())
+        })?
     }
 
     fn bundle_ids(&self, caller: &Caller, site_id: &str, host_id: &str) -> Result<Vec<String>> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         self.visible_host(&conn, caller, site_id, host_id)?;
         let mut stmt = conn
             .prepare(
@@ -679,7 +839,7 @@ impl Store for SqliteStore {
     }
 
     fn seqs(&self, caller: &Caller, site_id: &str, host_id: &str) -> Result<Vec<u64>> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         self.visible_host(&conn, caller, site_id, host_id)?;
         let mut stmt = conn
             .prepare("SELECT seq FROM bundles WHERE site_id = ?1 AND host_id = ?2 ORDER BY seq")
@@ -698,7 +858,7 @@ impl Store for SqliteStore {
         site_id: &str,
         host_id: &str,
     ) -> Result<Vec<CheckResult>> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         self.visible_host(&conn, caller, site_id, host_id)?;
         let mut stmt = conn
             .prepare("SELECT check_name, outcome, bundle_id, timestamp_end FROM latest_results WHERE site_id = ?1 AND host_id = ?2 ORDER BY check_name")
@@ -766,7 +926,7 @@ impl Store for SqliteStore {
     }
 
     fn order(&self, caller: &Caller, order_id: &str) -> Result<Option<OrderRecord>> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let (clause, mut values) = scope(caller, "o.site_id", "s.reseller_id", "o.host_id");
         values.insert(0, SqlValue::Text(order_id.into()));
         conn.query_row(
@@ -779,7 +939,7 @@ impl Store for SqliteStore {
     }
 
     fn orders(&self, caller: &Caller, host: Option<(&str, &str)>) -> Result<Vec<OrderRecord>> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let (clause, mut values) = scope(caller, "o.site_id", "s.reseller_id", "o.host_id");
         let mut sql = format!(
             "SELECT {ORDER_COLS} FROM orders o JOIN sites s ON s.site_id = o.site_id WHERE {clause}"
@@ -803,7 +963,7 @@ impl Store for SqliteStore {
         site_id: &str,
         host_id: &str,
     ) -> Result<Vec<OrderRecord>> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         self.visible_host(&conn, caller, site_id, host_id)?;
         let mut stmt = conn
             .prepare(&format!(
@@ -860,7 +1020,7 @@ impl Store for SqliteStore {
     }
 
     fn operator_by_token(&self, token_hash: &[u8; 32]) -> Result<Option<Operator>> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let found = conn
             .query_row(
                 "SELECT name, role, tenants, token_hash, created_at, disabled FROM operators WHERE token_hash = ?1",
@@ -876,7 +1036,7 @@ impl Store for SqliteStore {
         caller
             .require_admin("list operators")
             .map_err(|e| StoreError::Forbidden(e.to_string()))?;
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let mut stmt = conn
             .prepare("SELECT name, role, tenants, token_hash, created_at, disabled FROM operators ORDER BY name")
             .map_err(db)?;
@@ -897,7 +1057,7 @@ impl Store for SqliteStore {
     }
 
     fn audit(&self, caller: &Caller, limit: u32) -> Result<Vec<AuditEntry>> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let mut stmt = conn
             .prepare("SELECT id, at, actor, peer, action, target, outcome, detail FROM audit ORDER BY id DESC")
             .map_err(db)?;

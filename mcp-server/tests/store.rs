@@ -797,7 +797,10 @@ fn sqlite_audit_rows_cannot_be_changed_even_by_sql() -> TestResult {
 #[test]
 fn sqlite_refuses_an_edited_migration() -> TestResult {
     let (dir, store) = sqlite();
-    assert_eq!(store.schema_version()?, 1);
+    assert_eq!(
+        store.schema_version()?,
+        newest(mcp_server::store::sqlite::MIGRATIONS)
+    );
     drop(store);
     let conn = rusqlite::Connection::open(dir.path().join("mcp.db"))?;
     conn.execute(
@@ -853,7 +856,10 @@ fn postgres_audit_rows_cannot_be_changed_even_by_sql() -> TestResult {
 #[test]
 fn postgres_refuses_an_edited_migration() -> TestResult {
     let (pg, store) = postgres();
-    assert_eq!(store.schema_version()?, 1);
+    assert_eq!(
+        store.schema_version()?,
+        newest(mcp_server::store::postgres::MIGRATIONS)
+    );
     drop(store);
     pg.admin()
         .batch_execute("UPDATE schema_migrations SET sha256 = 'edited' WHERE version = 1")?;
@@ -867,7 +873,10 @@ fn postgres_refuses_an_edited_migration() -> TestResult {
         "UPDATE schema_migrations SET sha256 = '{}' WHERE version = 1",
         hex_sha256(mcp_server::store::postgres::MIGRATIONS[0].2)
     ))?;
-    assert_eq!(PostgresStore::open(&pg.url)?.schema_version()?, 1);
+    assert_eq!(
+        PostgresStore::open(&pg.url)?.schema_version()?,
+        newest(mcp_server::store::postgres::MIGRATIONS)
+    );
     Ok(())
 }
 
@@ -1051,13 +1060,21 @@ fn postgres_concurrent_starts_migrate_once() -> TestResult {
             .collect(),
     );
     for (i, r) in opened.into_iter().enumerate() {
-        assert_eq!(r??, 1, "process {i} opened a migrated database");
+        assert_eq!(
+            r??,
+            newest(mcp_server::store::postgres::MIGRATIONS),
+            "process {i} opened a migrated database"
+        );
     }
     let rows = pg
         .admin()
         .query_one("SELECT count(*) FROM schema_migrations", &[])?
         .get::<_, i64>(0);
-    assert_eq!(rows, 1, "migration 1 applied once");
+    assert_eq!(
+        rows,
+        mcp_server::store::postgres::MIGRATIONS.len() as i64,
+        "each migration applied once"
+    );
     Ok(())
 }
 
@@ -1090,4 +1107,9 @@ fn postgres_sessions_commit_synchronously() -> TestResult {
     let store = PostgresStore::open(&pg.url)?;
     assert_eq!(store.setting("synchronous_commit")?, "on");
     Ok(())
+}
+
+/// The newest migration a backend's list holds.
+fn newest(migrations: &[(u32, &str, &str)]) -> u32 {
+    migrations.last().map_or(0, |m| m.0)
 }

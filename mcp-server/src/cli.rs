@@ -1,6 +1,8 @@
 //! The command line: `serve` and the operator commands, which act on the server's own
 //! database as the local admin (`cli:<user>` in the audit log). Each has `--json`.
 
+mod incidents;
+
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -51,6 +53,9 @@ pub enum Command {
     /// Operator accounts and their API tokens.
     #[command(subcommand)]
     Users(UsersCommand),
+    /// Incidents from the boxes' evidence, their plans and the orders made from them.
+    #[command(subcommand)]
+    Incidents(incidents::IncidentsCommand),
     /// The audit log, newest first.
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -115,6 +120,15 @@ pub enum HostsCommand {
 #[derive(Debug, Subcommand)]
 pub enum SitesCommand {
     List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show or set a site's executor mode: auto, approve, off, or default (the configured one).
+    Mode {
+        #[arg(long)]
+        site: String,
+        #[arg(long)]
+        mode: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -593,6 +607,10 @@ pub fn run(cli: Cli) -> Result<()> {
                     );
                 }
             }
+        }
+        Command::Incidents(command) => incidents::run(&svc, &caller, command)?,
+        Command::Sites(SitesCommand::Mode { site, mode, json }) => {
+            incidents::site_mode(&svc, &caller, &site, mode.as_deref(), json)?;
         }
         Command::Audit { limit, json } => {
             let entries = svc.store.audit(&caller, limit)?;

@@ -218,6 +218,149 @@ impl Default for OrderPolicy {
     }
 }
 
+/// What the executor does with a site's plans.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorMode {
+    /// Non-disruptive plans become orders at once; disruptive ones wait for an operator.
+    Auto,
+    /// Every plan waits for an operator.
+    Approve,
+    /// No plan becomes an order, automatically or by an operator through the executor.
+    Off,
+}
+
+impl ExecutorMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutorMode::Auto => "auto",
+            ExecutorMode::Approve => "approve",
+            ExecutorMode::Off => "off",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Auto, Self::Approve, Self::Off]
+            .into_iter()
+            .find(|m| m.as_str() == s)
+    }
+}
+
+/// The optional LLM planner: an OpenAI-compatible chat-completions endpoint.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LlmSettings {
+    /// The chat-completions URL, e.g. `https://llm.internal/v1/chat/completions`.
+    pub url: String,
+    pub model: String,
+    /// A file holding the API key (LoadCredential on NixOS); none for an endpoint without one.
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
+    /// CA certificates (PEM) the endpoint's certificate must chain to; default: the public roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// The whole call, connect to last byte; past it the rule-based plan is used.
+    #[serde(default = "LlmSettings::d_timeout")]
+    pub timeout_sec: f64,
+}
+
+impl LlmSettings {
+    fn d_timeout() -> f64 {
+        10.0
+    }
+}
+
+/// Incidents, the planner and the executor (`[remediation]`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Remediation {
+    /// The executor mode of a site that has none set (`mcp-server sites mode`).
+    #[serde(default = "Remediation::d_mode")]
+    pub default_site_mode: ExecutorMode,
+    /// How often the executor looks for incidents to plan when nothing woke it.
+    #[serde(default = "Remediation::d_worker")]
+    pub worker_interval_ms: u64,
+    /// How often the sweep looks for overdue hosts and orders past their TTL.
+    #[serde(default = "Remediation::d_sweep")]
+    pub sweep_interval_sec: u64,
+    /// Incidents one executor pass takes.
+    #[serde(default = "Remediation::d_batch")]
+    pub batch: u32,
+    /// The LLM planner; without it the rule-based planner alone.
+    #[serde(default)]
+    pub llm: Option<LlmSettings>,
+}
+
+impl Remediation {
+    fn d_mode() -> ExecutorMode {
+        ExecutorMode::Approve
+    }
+    fn d_worker() -> u64 {
+        1000
+    }
+    fn d_sweep() -> u64 {
+        60
+    }
+    fn d_batch() -> u32 {
+        64
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if !(10..=60_000).contains(&self.worker_interval_ms) {
+            p.push("remediation.worker_interval_ms must be between 10 and 60000".into());
+        }
+        if !(1..=3600).contains(&self.sweep_interval_sec) {
+            p.push("remediation.sweep_interval_sec must be between 1 and 3600".into());
+        }
+        if !(1..=10_000).contains(&self.batch) {
+            p.push("remediation.batch must be between 1 and 10000".into());
+        }
+        if let Some(llm) = &self.llm {
+            if !(llm.url.starts_with("https://") || llm.url.starts_with("http://")) {
+                p.push(format!(
+                    "remediation.llm.url = {:?} must start with https:// (or http:// on a private network)",
+                    llm.url
+                ));
+            }
+            if llm.model.trim().is_empty() {
+                p.push("remediation.llm.model must name the model, e.g. \"llama3.1:8b\"".into());
+            }
+            if !(llm.timeout_sec.is_finite() && (0.1..=120.0).contains(&llm.timeout_sec)) {
+                p.push(format!(
+                    "remediation.llm.timeout_sec = {}: must be between 0.1 and 120 seconds",
+                    llm.timeout_sec
+                ));
+            }
+            for (name, path) in [
+                ("api_key_file", &llm.api_key_file),
+                ("ca_file", &llm.ca_file),
+            ] {
+                if let Some(path) = path
+                    && !path.is_absolute()
+                {
+                    p.push(format!(
+                        "remediation.llm.{name} = {:?} must be an absolute path",
+                        path.display()
+                    ));
+                }
+            }
+        }
+        p
+    }
+}
+
+impl Default for Remediation {
+    fn default() -> Self {
+        Self {
+            default_site_mode: Self::d_mode(),
+            worker_interval_ms: Self::d_worker(),
+            sweep_interval_sec: Self::d_sweep(),
+            batch: Self::d_batch(),
+            llm: None,
+        }
+    }
+}
+
 /// The server's configuration. Paths left out are derived from `state_dir`.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -276,6 +419,8 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub orders: OrderPolicy,
+    #[serde(default)]
+    pub remediation: Remediation,
 }
 
 impl Default for Config {
@@ -308,6 +453,7 @@ fn unreachable_default() -> Config {
         client_cert_days: default_client_cert_days(),
         limits: Limits::default(),
         orders: OrderPolicy::default(),
+        remediation: Remediation::default(),
     }
 }
 
@@ -429,6 +575,7 @@ impl Config {
                 ));
             }
         }
+        problems.extend(self.remediation.problems());
         if self.default_scan_interval_sec < 10 {
             problems.push("default_scan_interval_sec must be at least 10".into());
         }

@@ -88,6 +88,9 @@ pub fn receive(
 ) -> Result<Receipt, IntakeError> {
     svc.stats.received.fetch_add(1, Ordering::Relaxed);
     let result = receive_inner(svc, caller, host, json, sig, order_id);
+    if let Err(e) = &result {
+        crate::incidents::after_refusal(svc, caller, host, e);
+    }
     let counter = match &result {
         Ok(r) if r.status == "stored" => &svc.stats.stored,
         Ok(_) => &svc.stats.duplicates,
@@ -161,6 +164,7 @@ fn receive_inner(
         svc.store
             .record_bundle(caller, &existing, order_id, bundle.error.as_deref())
             .map_err(store_err)?;
+        incidents(svc, caller, host, &bundle, &existing)?;
         return Ok(Receipt {
             bundle_id: bundle.bundle_id,
             status: "duplicate",
@@ -217,11 +221,28 @@ fn receive_inner(
         .store
         .record_bundle(caller, &record, order_id, bundle.error.as_deref())
         .map_err(store_err)?;
+    incidents(svc, caller, host, &bundle, &record)?;
     Ok(Receipt {
         bundle_id: bundle.bundle_id,
         status: match recorded {
             Recorded::Stored => "stored",
             Recorded::Duplicate => "duplicate",
         },
+    })
+}
+
+/// The incident update after a bundle is recorded. On failure the bundle is not
+/// acknowledged: the box sends it again and the (idempotent) update is retried.
+fn incidents(
+    svc: &Services,
+    caller: &Caller,
+    host: &Host,
+    bundle: &Bundle,
+    record: &BundleRecord,
+) -> Result<(), IntakeError> {
+    crate::incidents::after_bundle(svc, caller, host, bundle, record).map_err(|e| {
+        IntakeError::Unavailable(format!(
+            "the bundle is stored but its incident update failed: {e}"
+        ))
     })
 }

@@ -1,7 +1,8 @@
 //! The MSP's central server: enrollment bound to host identity, evidence intake into a
 //! database and an archive, fleet state, operators with roles, audited and guarded orders.
 //!
-//! Data flows one way: `api` -> `intake` / `enroll` / `orders` -> `store` / `archive`.
+//! Data flows one way: `api` -> `intake` / `enroll` / `orders` / `incidents` (`planner`,
+//! `executor`) -> `store` / `archive`.
 //! Nothing that matters lives in process memory: several processes can share one
 //! database and one archive.
 
@@ -12,10 +13,13 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod enroll;
+pub mod executor;
 pub mod fleet;
+pub mod incidents;
 pub mod intake;
 pub mod orders;
 pub mod pki;
+pub mod planner;
 pub mod server;
 pub mod services;
 pub mod store;

@@ -154,6 +154,7 @@ impl Running {
                 limits.clone(),
                 rx.clone(),
             ));
+            tokio::spawn(crate::executor::background(svc.clone(), rx.clone()));
             tokio::spawn(crate::api::listener::serve(
                 ops,
                 operator_tls,

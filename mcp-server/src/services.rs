@@ -52,6 +52,8 @@ pub struct Services {
     pub ca: Arc<Ca>,
     pub order_key: Arc<SigningKey>,
     pub stats: Arc<IntakeStats>,
+    /// Wakes the background executor when an incident wants a plan (it also polls).
+    pub remediation_wake: Arc<tokio::sync::Notify>,
 }
 
 /// What opening made for the first time (so `serve` can say so).
@@ -101,6 +103,7 @@ impl Services {
                 ca: Arc::new(ca),
                 order_key: Arc::new(order_key),
                 stats: Arc::new(IntakeStats::default()),
+                remediation_wake: Arc::new(tokio::sync::Notify::new()),
             },
             first,
         ))

@@ -8,6 +8,9 @@ mod support;
 use compliance_agent::evidence::chain::ChainProblem;
 use jiff::Timestamp;
 use mcp_server::auth::{Caller, Role, Tenants, token_hash};
+use mcp_server::store::incidents::{
+    IncidentFilter, IncidentState, Observation, Observed, PlanState, Resolution,
+};
 use mcp_server::store::postgres::PostgresStore;
 use mcp_server::store::sqlite::SqliteStore;
 use mcp_server::store::{
@@ -407,6 +410,307 @@ pub fn audit_is_append_only_and_operators_authenticate(store: &dyn Store) -> Tes
     Ok(())
 }
 
+fn observation(site: &str, host: &str, bundle: &str, severity: &str) -> Observation {
+    Observation {
+        site_id: site.into(),
+        host_id: host.into(),
+        cause: "check:backup".into(),
+        check: Some("backup".into()),
+        severity: severity.into(),
+        hipaa_controls: vec!["164.308(a)(7)(ii)(A)".into()],
+        summary: format!("backup failed ({bundle})"),
+        recommended: Some(
+            serde_json::json!({ "runbook": "run_backup", "params": { "unit": "restic.service" } }),
+        ),
+        bundle_id: Some(bundle.into()),
+        at: Timestamp::now(),
+        kind: "evidence".into(),
+        detail: bundle.into(),
+    }
+}
+
+fn resolution(by: &str) -> Resolution {
+    Resolution {
+        at: Timestamp::now(),
+        by: by.into(),
+        reason: "compliant again".into(),
+        bundle_id: None,
+    }
+}
+
+/// Incidents: one open per host and cause whatever repeats, the highest severity kept,
+/// a bundle applied once, every query scoped by tenants, each claim handed out once,
+/// and an ended incident never reopened (new evidence opens a new one).
+pub fn incidents_are_one_per_cause_scoped_and_claimed_once(store: &dyn Store) -> TestResult {
+    store.put_site(&admin(), &site("s1", Some("acme")))?;
+    store.put_site(&admin(), &site("s2", Some("other")))?;
+    store.add_host(&admin(), &host("s1", "h1"))?;
+    store.add_host(&admin(), &host("s2", "h2"))?;
+    let box1 = Caller::host("s1", "h1", None);
+    let first = store.observe(&box1, &observation("s1", "h1", "b1", "medium"), "inc-1")?;
+    assert_eq!(
+        first,
+        Observed::Opened("inc-1".into()),
+        "the first failure opens"
+    );
+    assert_eq!(
+        store.observe(&box1, &observation("s1", "h1", "b1", "medium"), "inc-x")?,
+        Observed::AlreadyApplied,
+        "the same bundle again changes nothing"
+    );
+    assert_eq!(
+        store.observe(&box1, &observation("s1", "h1", "b2", "critical"), "inc-y")?,
+        Observed::Updated("inc-1".into()),
+        "a later failure updates the open incident"
+    );
+    store.observe(&box1, &observation("s1", "h1", "b3", "low"), "inc-z")?;
+    let mut firewall = observation("s1", "h1", "b1", "low");
+    firewall.cause = "check:firewall".into();
+    assert_eq!(
+        store.observe(&box1, &firewall, "inc-f")?,
+        Observed::Opened("inc-f".into()),
+        "a bundle on one cause's timeline still counts for another cause"
+    );
+    store.resolve_incident(
+        &box1,
+        "s1",
+        "h1",
+        "check:firewall",
+        &resolution("host:s1/h1"),
+    )?;
+    let inc = store
+        .incident(&admin(), "inc-1")?
+        .ok_or("incident stored")?;
+    assert_eq!(inc.severity, "critical", "the highest severity is kept");
+    assert_eq!(inc.event_count, 3, "three bundles on the timeline");
+    assert_eq!(
+        inc.plan_state,
+        PlanState::Wanted,
+        "a new incident wants a plan"
+    );
+    assert_eq!(
+        store
+            .incidents(&admin(), &IncidentFilter::default())?
+            .iter()
+            .filter(|i| i.cause == "check:backup")
+            .count(),
+        1,
+        "one incident per host and cause"
+    );
+    let events = store.incident_events(&admin(), "inc-1")?;
+    assert_eq!(
+        events
+            .iter()
+            .filter_map(|e| e.bundle_id.as_deref())
+            .collect::<Vec<_>>(),
+        vec!["b1", "b2", "b3"],
+        "the timeline in order"
+    );
+
+    // Tenancy: the other reseller and the other box learn nothing and change nothing.
+    let other = scoped(
+        Tenants::Reseller {
+            reseller_id: "other".into(),
+        },
+        Role::ResellerOperator,
+    );
+    let acme = scoped(
+        Tenants::Reseller {
+            reseller_id: "acme".into(),
+        },
+        Role::ResellerOperator,
+    );
+    assert_eq!(
+        store.incidents(&acme, &IncidentFilter::default())?.len(),
+        2,
+        "acme sees its own"
+    );
+    assert!(
+        store
+            .incidents(&other, &IncidentFilter::default())?
+            .is_empty(),
+        "other sees none"
+    );
+    assert!(store.incident(&other, "inc-1")?.is_none(), "nor by id");
+    assert!(
+        matches!(
+            store.incident_events(&other, "inc-1"),
+            Err(StoreError::NotFound(_))
+        ),
+        "nor its timeline"
+    );
+    assert!(
+        matches!(
+            store.close_incident(&other, "inc-1", &resolution("operator:x")),
+            Err(StoreError::NotFound(_))
+        ),
+        "nor may it close it"
+    );
+    assert!(store.incident_for_order(&other, "o1")?.is_none());
+    let box2 = Caller::host("s2", "h2", None);
+    assert!(
+        matches!(
+            store.observe(&box2, &observation("s1", "h1", "b9", "low"), "inc-9"),
+            Err(StoreError::NotFound(_))
+        ),
+        "a box cannot open incidents of another"
+    );
+    assert!(
+        store
+            .claim_incidents(&other, 10, Timestamp::now(), Timestamp::UNIX_EPOCH)?
+            .is_empty(),
+        "claims are scoped too"
+    );
+
+    // Claims: handed out once; a stale claim is taken again.
+    let sys = admin();
+    let claimed = store.claim_incidents(&sys, 10, Timestamp::now(), Timestamp::UNIX_EPOCH)?;
+    assert_eq!(claimed.len(), 1, "the wanted incident is claimed");
+    assert!(
+        store
+            .claim_incidents(&sys, 10, Timestamp::now(), Timestamp::UNIX_EPOCH)?
+            .is_empty(),
+        "and not handed out twice"
+    );
+    let later = Timestamp::now().checked_add(jiff::SignedDuration::from_secs(3600))?;
+    assert_eq!(
+        store
+            .claim_incidents(&sys, 10, Timestamp::now(), later)?
+            .len(),
+        1,
+        "a claim older than the stale limit is taken again"
+    );
+    store.set_incident_plan(
+        &sys,
+        "inc-1",
+        PlanState::Ordered,
+        Some(&serde_json::json!({ "runbook": "run_backup" })),
+        Some("o1"),
+    )?;
+    let ordered = store
+        .incident_for_order(&acme, "o1")?
+        .ok_or("found by its order")?;
+    assert_eq!(ordered.plan_state, PlanState::Ordered);
+    assert_eq!(
+        ordered.plan,
+        Some(serde_json::json!({ "runbook": "run_backup" }))
+    );
+    assert!(
+        store
+            .claim_incidents(&sys, 10, Timestamp::now(), later)?
+            .is_empty(),
+        "an ordered incident is not planned again"
+    );
+
+    // Resolution records the duration; a resolved incident is not reopened.
+    assert_eq!(
+        store.resolve_incident(&box1, "s1", "h1", "check:backup", &resolution("host:s1/h1"))?,
+        Some("inc-1".into())
+    );
+    assert_eq!(
+        store.resolve_incident(&box1, "s1", "h1", "check:backup", &resolution("host:s1/h1"))?,
+        None,
+        "nothing open to resolve"
+    );
+    let resolved = store.incident(&admin(), "inc-1")?.ok_or("still stored")?;
+    assert_eq!(resolved.state, IncidentState::Resolved);
+    assert!(
+        resolved.remediation_sec.is_some() && resolved.resolved_at.is_some(),
+        "{resolved:?}"
+    );
+    assert!(
+        matches!(
+            store.set_incident_plan(&sys, "inc-1", PlanState::Wanted, None, None),
+            Err(StoreError::Exists(_))
+        ),
+        "an ended incident takes no plan"
+    );
+    assert_eq!(
+        store.observe(&box1, &observation("s1", "h1", "b4", "low"), "inc-2")?,
+        Observed::Opened("inc-2".into()),
+        "new evidence after the resolution opens a new incident"
+    );
+
+    // Operators close with a reason; auditors cannot; an ended incident stays ended.
+    let auditor = scoped(
+        Tenants::Sites {
+            site_ids: vec!["s1".into()],
+        },
+        Role::Auditor,
+    );
+    assert!(
+        matches!(
+            store.close_incident(&auditor, "inc-2", &resolution("operator:a")),
+            Err(StoreError::Forbidden(_))
+        ),
+        "auditors change nothing"
+    );
+    let closed = store.close_incident(&acme, "inc-2", &resolution("operator:x"))?;
+    assert_eq!(closed.state, IncidentState::Closed);
+    assert_eq!(closed.resolution.as_deref(), Some("compliant again"));
+    assert!(
+        matches!(
+            store.close_incident(&acme, "inc-2", &resolution("operator:x")),
+            Err(StoreError::Exists(_))
+        ),
+        "closing twice is refused"
+    );
+    assert_eq!(
+        store
+            .incidents(
+                &admin(),
+                &IncidentFilter {
+                    state: Some(IncidentState::Open),
+                    ..IncidentFilter::default()
+                }
+            )?
+            .len(),
+        0,
+        "nothing open"
+    );
+
+    // The site's executor mode, scoped and written by writers only.
+    assert_eq!(
+        store.site_executor_mode(&acme, "s1")?,
+        None,
+        "the default at first"
+    );
+    store.set_site_executor_mode(&acme, "s1", Some("auto"))?;
+    assert_eq!(
+        store.site_executor_mode(&admin(), "s1")?.as_deref(),
+        Some("auto")
+    );
+    assert!(
+        store
+            .set_site_executor_mode(&other, "s1", Some("off"))
+            .is_err(),
+        "not another reseller's"
+    );
+    assert!(
+        store
+            .set_site_executor_mode(&auditor, "s1", Some("off"))
+            .is_err(),
+        "not an auditor"
+    );
+    assert!(
+        store.site_executor_mode(&other, "s1").is_err(),
+        "nor read by another reseller"
+    );
+    store.set_site_executor_mode(&admin(), "s1", None)?;
+    assert_eq!(
+        store.site_executor_mode(&admin(), "s1")?,
+        None,
+        "back to the default"
+    );
+
+    // The lowest stored seq (chain-gap detection).
+    assert_eq!(store.min_seq(&box1, "s1", "h1")?, None);
+    store.record_bundle(&box1, &record("s1", "h1", 5, "h5", Some("h4")), None, None)?;
+    store.record_bundle(&box1, &record("s1", "h1", 3, "h3", Some("h2")), None, None)?;
+    assert_eq!(store.min_seq(&box1, "s1", "h1")?, Some(3));
+    Ok(())
+}
+
 macro_rules! conformance {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -435,6 +739,11 @@ macro_rules! conformance {
             fn audit_is_append_only_and_operators_authenticate() -> TestResult {
                 let (_guard, store) = $make;
                 super::audit_is_append_only_and_operators_authenticate(&*store)
+            }
+            #[test]
+            fn incidents_are_one_per_cause_scoped_and_claimed_once() -> TestResult {
+                let (_guard, store) = $make;
+                super::incidents_are_one_per_cause_scoped_and_claimed_once(&*store)
             }
         }
     };

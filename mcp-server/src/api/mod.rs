@@ -1,6 +1,7 @@
 //! The HTTP side: the TLS accept loop with its bounds, and one axum router per audience.
 
 pub mod agent;
+pub mod incidents;
 pub mod listener;
 pub mod ops;
 

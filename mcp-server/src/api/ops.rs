@@ -33,6 +33,7 @@ pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
         (name = "enrollment", description = "One-time tokens boxes enroll with"),
         (name = "orders", description = "Signed orders under the central guardrails"),
         (name = "audit", description = "The append-only log of operator actions and refusals"),
+        (name = "incidents", description = "Incidents from the boxes' evidence, their plans, and the orders made from them"),
         (name = "meta", description = "This document"),
     )
 )]
@@ -69,6 +70,7 @@ fn documented() -> OpenApiRouter<Services> {
         .routes(routes!(order_approve))
         .routes(routes!(audit))
         .routes(routes!(openapi_json))
+        .merge(super::incidents::routes())
 }
 
 /// The operator API's OpenAPI document, as generated from the routes.
@@ -95,7 +97,11 @@ async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
 }
 
 /// The operator a bearer token names; a missing or wrong token is refused and audited.
-async fn caller(svc: &Services, info: &ConnInfo, headers: &HeaderMap) -> Result<Caller, ApiError> {
+pub(super) async fn caller(
+    svc: &Services,
+    info: &ConnInfo,
+    headers: &HeaderMap,
+) -> Result<Caller, ApiError> {
     let token = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -137,7 +143,7 @@ async fn caller(svc: &Services, info: &ConnInfo, headers: &HeaderMap) -> Result<
     .await?
 }
 
-fn err(status: u16, e: impl std::fmt::Display) -> ApiError {
+pub(super) fn err(status: u16, e: impl std::fmt::Display) -> ApiError {
     ApiError::new(status, e.to_string())
 }
 

@@ -2,6 +2,7 @@
 //! and chain, latest results, orders, operators and the audit log. Every query takes
 //! the `Caller` and is scoped by its tenants here, not only in handlers.
 
+pub mod incidents;
 pub mod postgres;
 pub mod sqlite;
 
@@ -234,7 +235,7 @@ pub struct AuditEntry {
 
 /// The database. Implementations: [`sqlite::SqliteStore`] and [`postgres::PostgresStore`];
 /// the conformance suite in tests/store.rs runs against each. Calls block: async callers use `spawn_blocking`.
-pub trait Store: Send + Sync {
+pub trait Store: incidents::IncidentStore + Send + Sync {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
     /// The newest migration applied.

@@ -13,6 +13,8 @@
 //! Connections come from a small pool of blocking clients; handlers call in through
 //! `spawn_blocking`.
 
+pub mod incidents;
+
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -33,11 +35,18 @@ use crate::auth::{Caller, Role, Tenants, hashes_equal};
 
 /// The migrations, in order. Append only: a released file is never edited (the
 /// store refuses a database whose applied migration differs from this text).
-pub const MIGRATIONS: &[(u32, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../../migrations/postgres/0001_init.sql"),
-)];
+pub const MIGRATIONS: &[(u32, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "incidents",
+        include_str!("../../migrations/postgres/0002_incidents.sql"),
+    ),
+];
 
 /// Connections kept open between calls.
 const MAX_IDLE: usize = 16;

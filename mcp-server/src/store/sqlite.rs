@@ -1,6 +1,8 @@
 //! The SQLite store (the embedded default): one file in WAL mode with synchronous=FULL,
 //! versioned append-only migrations from migrations/sqlite/.
 
+pub mod incidents;
+
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -19,11 +21,18 @@ use crate::auth::{Caller, Role, Tenants, hashes_equal};
 
 /// The migrations, in order. Append only: a released file is never edited (the
 /// store refuses a database whose applied migration differs from this text).
-pub const MIGRATIONS: &[(u32, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../../migrations/sqlite/0001_init.sql"),
-)];
+pub const MIGRATIONS: &[(u32, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "incidents",
+        include_str!("../../migrations/sqlite/0002_incidents.sql"),
+    ),
+];
 
 /// One writer connection (SQLite allows one writer at a time) and a pool of read
 /// connections (WAL readers run beside the writer and see committed data only).

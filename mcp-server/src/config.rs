@@ -361,6 +361,70 @@ impl Default for Remediation {
     }
 }
 
+/// The web console on the operator listener (`[console]`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleSettings {
+    /// Serve the console under /console.
+    #[serde(default = "ConsoleSettings::d_enable")]
+    pub enable: bool,
+    /// How long a sign-in lasts, seconds (the session then ends whatever the browser does).
+    #[serde(default = "ConsoleSettings::d_ttl")]
+    pub session_ttl_sec: u64,
+}
+
+impl ConsoleSettings {
+    fn d_enable() -> bool {
+        true
+    }
+    fn d_ttl() -> u64 {
+        8 * 3600
+    }
+}
+
+impl Default for ConsoleSettings {
+    fn default() -> Self {
+        Self {
+            enable: Self::d_enable(),
+            session_ttl_sec: Self::d_ttl(),
+        }
+    }
+}
+
+/// Who may read `/metrics` on the operator listener.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricsAccess {
+    /// Not served.
+    Off,
+    /// `Authorization: Bearer <operator token>`; the figures cover that operator's tenants.
+    Token,
+    /// Peers on a loopback address, without a token; the figures cover the whole fleet.
+    Loopback,
+}
+
+/// Fleet metrics for Prometheus (`[metrics]`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    #[serde(default = "MetricsSettings::d_access")]
+    pub access: MetricsAccess,
+}
+
+impl MetricsSettings {
+    fn d_access() -> MetricsAccess {
+        MetricsAccess::Token
+    }
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            access: Self::d_access(),
+        }
+    }
+}
+
 /// The server's configuration. Paths left out are derived from `state_dir`.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -421,6 +485,9 @@ pub struct Config {
     pub orders: OrderPolicy,
     #[serde(default)]
     pub remediation: Remediation,
+    pub console: ConsoleSettings,
+    #[serde(default)]
+    pub metrics: MetricsSettings,
 }
 
 impl Default for Config {
@@ -454,6 +521,8 @@ fn unreachable_default() -> Config {
         limits: Limits::default(),
         orders: OrderPolicy::default(),
         remediation: Remediation::default(),
+        console: ConsoleSettings::default(),
+        metrics: MetricsSettings::default(),
     }
 }
 
@@ -581,6 +650,20 @@ impl Config {
         }
         if !(1..=825).contains(&self.client_cert_days) {
             problems.push("client_cert_days must be between 1 and 825".into());
+        }
+        if !(300..=7 * 86_400).contains(&self.console.session_ttl_sec) {
+            problems.push(format!(
+                "console.session_ttl_sec = {}: must be between 300 (5 minutes) and 604800 (7 days)",
+                self.console.session_ttl_sec
+            ));
+        }
+        if self.metrics.access == MetricsAccess::Loopback
+            && !self.operator_listen.ip().is_loopback()
+        {
+            problems.push(format!(
+                "metrics.access = \"loopback\" serves the whole fleet without a token, but operator_listen = {} is reachable from other machines: use access = \"token\" (Prometheus sends an operator token) or listen on 127.0.0.1",
+                self.operator_listen
+            ));
         }
         if problems.is_empty() {
             Ok(())

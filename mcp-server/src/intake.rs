@@ -199,9 +199,12 @@ fn receive_inner(
         .unwrap_or(Timestamp::MAX);
     svc.archive
         .put(&key, json, sig, retain_until)
-        .map_err(|e| match e {
-            ArchiveError::Conflict { key } => IntakeError::Conflict(key),
-            other => IntakeError::Unavailable(other.to_string()),
+        .map_err(|e| {
+            svc.stats.archive_errors.fetch_add(1, Ordering::Relaxed);
+            match e {
+                ArchiveError::Conflict { key } => IntakeError::Conflict(key),
+                other => IntakeError::Unavailable(other.to_string()),
+            }
         })?;
     let record = BundleRecord {
         bundle_id: bundle.bundle_id.clone(),

@@ -158,7 +158,9 @@ impl Running {
             tokio::spawn(crate::api::listener::serve(
                 ops,
                 operator_tls,
-                crate::api::ops::router(svc.clone()),
+                crate::api::ops::router(svc.clone())
+                    .merge(crate::console::router(svc.clone())?)
+                    .merge(crate::metrics::router(svc.clone())),
                 limits,
                 rx,
             ));

@@ -22,6 +22,8 @@ pub struct IntakeStats {
     pub stored: AtomicU64,
     pub duplicates: AtomicU64,
     pub refused: AtomicU64,
+    /// Archive writes that failed (the bundle was not acknowledged).
+    pub archive_errors: AtomicU64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -30,6 +32,7 @@ pub struct StatsSnapshot {
     pub stored: u64,
     pub duplicates: u64,
     pub refused: u64,
+    pub archive_errors: u64,
 }
 
 impl IntakeStats {
@@ -39,6 +42,7 @@ impl IntakeStats {
             stored: self.stored.load(Ordering::Relaxed),
             duplicates: self.duplicates.load(Ordering::Relaxed),
             refused: self.refused.load(Ordering::Relaxed),
+            archive_errors: self.archive_errors.load(Ordering::Relaxed),
         }
     }
 }

@@ -11,6 +11,7 @@ use mcp_server::auth::{Caller, Role, Tenants, token_hash};
 use mcp_server::store::incidents::{
     IncidentFilter, IncidentState, Observation, Observed, PlanState, Resolution,
 };
+use mcp_server::store::console::BundleFilter;
 use mcp_server::store::postgres::PostgresStore;
 use mcp_server::store::sqlite::SqliteStore;
 use mcp_server::store::{
@@ -745,6 +746,26 @@ macro_rules! conformance {
                 let (_guard, store) = $make;
                 super::incidents_are_one_per_cause_scoped_and_claimed_once(&*store)
             }
+            #[test]
+            fn console_sessions_expire_and_end() -> TestResult {
+                let (_guard, store) = $make;
+                super::console_sessions_expire_and_end(&*store)
+            }
+            #[test]
+            fn enrollment_tokens_are_listed_and_revoked_within_tenants() -> TestResult {
+                let (_guard, store) = $make;
+                super::enrollment_tokens_are_listed_and_revoked_within_tenants(&*store)
+            }
+            #[test]
+            fn passwords_are_set_by_their_operator_or_an_admin() -> TestResult {
+                let (_guard, store) = $make;
+                super::passwords_are_set_by_their_operator_or_an_admin(&*store)
+            }
+            #[test]
+            fn evidence_listing_and_counts_are_scoped_and_filtered() -> TestResult {
+                let (_guard, store) = $make;
+                super::evidence_listing_and_counts_are_scoped_and_filtered(&*store)
+            }
         }
     };
 }
@@ -797,7 +818,10 @@ fn sqlite_audit_rows_cannot_be_changed_even_by_sql() -> TestResult {
 #[test]
 fn sqlite_refuses_an_edited_migration() -> TestResult {
     let (dir, store) = sqlite();
-    assert_eq!(store.schema_version()?, 1);
+    assert_eq!(
+        store.schema_version()?,
+        newest(mcp_server::store::sqlite::MIGRATIONS)
+    );
     drop(store);
     let conn = rusqlite::Connection::open(dir.path().join("mcp.db"))?;
     conn.execute(
@@ -853,7 +877,10 @@ fn postgres_audit_rows_cannot_be_changed_even_by_sql() -> TestResult {
 #[test]
 fn postgres_refuses_an_edited_migration() -> TestResult {
     let (pg, store) = postgres();
-    assert_eq!(store.schema_version()?, 1);
+    assert_eq!(
+        store.schema_version()?,
+        newest(mcp_server::store::postgres::MIGRATIONS)
+    );
     drop(store);
     pg.admin()
         .batch_execute("UPDATE schema_migrations SET sha256 = 'edited' WHERE version = 1")?;
@@ -867,7 +894,10 @@ fn postgres_refuses_an_edited_migration() -> TestResult {
         "UPDATE schema_migrations SET sha256 = '{}' WHERE version = 1",
         hex_sha256(mcp_server::store::postgres::MIGRATIONS[0].2)
     ))?;
-    assert_eq!(PostgresStore::open(&pg.url)?.schema_version()?, 1);
+    assert_eq!(
+        PostgresStore::open(&pg.url)?.schema_version()?,
+        newest(mcp_server::store::postgres::MIGRATIONS)
+    );
     Ok(())
 }
 
@@ -1050,14 +1080,19 @@ fn postgres_concurrent_starts_migrate_once() -> TestResult {
             })
             .collect(),
     );
+    let migrations = mcp_server::store::postgres::MIGRATIONS;
     for (i, r) in opened.into_iter().enumerate() {
-        assert_eq!(r??, 1, "process {i} opened a migrated database");
+        assert_eq!(
+            r??,
+            newest(migrations),
+            "process {i} opened a migrated database"
+        );
     }
     let rows = pg
         .admin()
         .query_one("SELECT count(*) FROM schema_migrations", &[])?
         .get::<_, i64>(0);
-    assert_eq!(rows, 1, "migration 1 applied once");
+    assert_eq!(rows, migrations.len() as i64, "each migration applied once");
     Ok(())
 }
 
@@ -1089,5 +1124,299 @@ fn postgres_sessions_commit_synchronously() -> TestResult {
         .batch_execute("ALTER DATABASE mcp SET synchronous_commit = off")?;
     let store = PostgresStore::open(&pg.url)?;
     assert_eq!(store.setting("synchronous_commit")?, "on");
+    Ok(())
+}
+
+/// The newest migration a backend knows.
+fn newest(migrations: &[(u32, &str, &str)]) -> u32 {
+    migrations.last().map_or(0, |m| m.0)
+}
+
+fn operator(name: &str, role: Role, tenants: Tenants) -> Operator {
+    Operator {
+        name: name.into(),
+        role,
+        tenants,
+        token_hash: token_hash(&format!("mcpo1_{name}")),
+        created_at: Timestamp::now(),
+        disabled: false,
+    }
+}
+
+/// A console session is found by its hash until it expires or is deleted, never by
+/// another hash, and expired sessions are purged.
+pub fn console_sessions_expire_and_end(store: &dyn Store) -> TestResult {
+    store.create_operator(&admin(), &operator("ann", Role::Admin, Tenants::All))?;
+    let now = Timestamp::now();
+    let hour = jiff::SignedDuration::from_hours(1);
+    let (live, old) = (token_hash("mcps1_live"), token_hash("mcps1_old"));
+    store.create_console_session(&live, "ann", "csrf-live", now, now + hour)?;
+    store.create_console_session(&old, "ann", "csrf-old", now - hour - hour, now - hour)?;
+    let found = store
+        .console_session(&live, now)?
+        .ok_or("the live session is found")?;
+    assert_eq!(found.operator.name, "ann", "its operator");
+    assert_eq!(found.operator.role, Role::Admin, "with the operator's role");
+    assert_eq!(found.csrf_token, "csrf-live", "and its own CSRF token");
+    assert!(
+        store.console_session(&live, now + hour)?.is_none(),
+        "not at its expiry"
+    );
+    assert!(store.console_session(&old, now)?.is_none(), "not after it");
+    assert!(
+        store
+            .console_session(&token_hash("mcps1_guess"), now)?
+            .is_none(),
+        "not by another secret"
+    );
+    assert_eq!(
+        store.purge_console_sessions(now)?,
+        1,
+        "the expired one goes"
+    );
+    assert!(store.delete_console_session(&live)?, "sign-out ends it");
+    assert!(store.console_session(&live, now)?.is_none(), "gone");
+    assert!(!store.delete_console_session(&live)?, "once");
+    Ok(())
+}
+
+fn token(id: &str, site: &str) -> EnrollmentToken {
+    EnrollmentToken {
+        secret_hash: token_hash(&format!("mcpe1_{id}")),
+        token_id: id.into(),
+        site_id: site.into(),
+        uses_left: 3,
+        expires_at: Timestamp::now() + jiff::SignedDuration::from_hours(1),
+        created_by: "t".into(),
+        created_at: Timestamp::now(),
+    }
+}
+
+/// Tokens are listed and revoked only within the caller's tenants; a revoked token
+/// enrolls nobody; revoking twice says so.
+pub fn enrollment_tokens_are_listed_and_revoked_within_tenants(store: &dyn Store) -> TestResult {
+    store.put_site(&admin(), &site("s1", Some("acme")))?;
+    store.put_site(&admin(), &site("s2", Some("other")))?;
+    store.create_enrollment_token(&admin(), &token("t1", "s1"))?;
+    store.create_enrollment_token(&admin(), &token("t2", "s2"))?;
+    let acme = scoped(
+        Tenants::Reseller {
+            reseller_id: "acme".into(),
+        },
+        Role::ResellerOperator,
+    );
+    let listed: Vec<String> = store
+        .enrollment_tokens(&acme)?
+        .into_iter()
+        .map(|t| t.token_id)
+        .collect();
+    assert_eq!(
+        listed,
+        vec!["t1".to_owned()],
+        "acme sees its own token only"
+    );
+    assert_eq!(
+        store.enrollment_tokens(&admin())?.len(),
+        2,
+        "an admin sees both"
+    );
+    assert!(
+        store
+            .enrollment_tokens(&Caller::host("s1", "h", None))?
+            .is_empty(),
+        "a host sees none"
+    );
+    assert!(
+        matches!(
+            store.revoke_enrollment_token(&acme, "t2", Timestamp::now()),
+            Err(StoreError::NotFound(_))
+        ),
+        "another reseller's token is not found"
+    );
+    let auditor = scoped(
+        Tenants::Sites {
+            site_ids: vec!["s1".into()],
+        },
+        Role::Auditor,
+    );
+    assert!(
+        matches!(
+            store.revoke_enrollment_token(&auditor, "t1", Timestamp::now()),
+            Err(StoreError::Forbidden(_))
+        ),
+        "an auditor changes nothing"
+    );
+    assert!(
+        matches!(
+            store.revoke_enrollment_token(&acme, "nope", Timestamp::now()),
+            Err(StoreError::NotFound(_))
+        ),
+        "an unknown token"
+    );
+    assert!(
+        store.revoke_enrollment_token(&acme, "t1", Timestamp::now())?,
+        "revoked"
+    );
+    assert!(
+        !store.revoke_enrollment_token(&acme, "t1", Timestamp::now())?,
+        "already revoked"
+    );
+    let t1 = store
+        .enrollment_tokens(&acme)?
+        .into_iter()
+        .next()
+        .ok_or("t1 is still listed")?;
+    assert!(t1.revoked_at.is_some(), "listed as revoked");
+    assert!(
+        matches!(
+            store.enroll_host(&token_hash("mcpe1_t1"), Timestamp::now(), &host("s1", "a")),
+            Err(StoreError::Token(_))
+        ),
+        "a revoked token enrolls nobody"
+    );
+    assert!(
+        store.host(&admin(), "s1", "a")?.is_none(),
+        "and no host was made"
+    );
+    store.enroll_host(&token_hash("mcpe1_t2"), Timestamp::now(), &host("s2", "b"))?;
+    Ok(())
+}
+
+/// Only the operator itself or an admin sets a password; sign-in reads it back.
+pub fn passwords_are_set_by_their_operator_or_an_admin(store: &dyn Store) -> TestResult {
+    let sites = Tenants::Sites {
+        site_ids: vec!["s1".into()],
+    };
+    store.create_operator(
+        &admin(),
+        &operator("ann", Role::SiteOperator, sites.clone()),
+    )?;
+    store.create_operator(
+        &admin(),
+        &operator("bob", Role::SiteOperator, sites.clone()),
+    )?;
+    let ann = Caller {
+        actor: "operator:ann".into(),
+        role: Role::SiteOperator,
+        tenants: sites.clone(),
+        peer: None,
+    };
+    assert!(store.operator_password("ann")?.is_none(), "no password yet");
+    store.set_operator_password(&ann, "ann", "$argon2id$ann1", Timestamp::now())?;
+    assert!(
+        matches!(
+            store.set_operator_password(&ann, "bob", "$argon2id$x", Timestamp::now()),
+            Err(StoreError::Forbidden(_))
+        ),
+        "not someone else's"
+    );
+    assert!(
+        store.operator_password("bob")?.is_none(),
+        "bob's stays unset"
+    );
+    assert!(
+        matches!(
+            store.set_operator_password(&admin(), "nobody", "$argon2id$x", Timestamp::now()),
+            Err(StoreError::NotFound(_))
+        ),
+        "an unknown operator"
+    );
+    store.set_operator_password(&admin(), "ann", "$argon2id$ann2", Timestamp::now())?;
+    let (op, phc) = store
+        .operator_password("ann")?
+        .ok_or("ann has a password")?;
+    assert_eq!(
+        (op.name.as_str(), op.role, phc.as_str()),
+        ("ann", Role::SiteOperator, "$argon2id$ann2"),
+        "the newest password, with the operator's role"
+    );
+    Ok(())
+}
+
+/// The evidence listing and the counts reach the caller's tenants only, and the filter
+/// and limit apply.
+pub fn evidence_listing_and_counts_are_scoped_and_filtered(store: &dyn Store) -> TestResult {
+    store.put_site(&admin(), &site("s1", Some("acme")))?;
+    store.put_site(&admin(), &site("s2", Some("other")))?;
+    store.add_host(&admin(), &host("s1", "h1"))?;
+    store.add_host(&admin(), &host("s2", "h2"))?;
+    let me = Caller::host("s1", "h1", None);
+    let mut prev: Option<String> = None;
+    for seq in 1..=4u64 {
+        let hash = format!("a{seq}");
+        let mut r = record("s1", "h1", seq, &hash, prev.as_deref());
+        if seq % 2 == 0 {
+            r.outcome = "alert".into();
+            r.check = "firewall".into();
+        }
+        store.record_bundle(&me, &r, None, None)?;
+        prev = Some(hash);
+    }
+    store.record_bundle(
+        &Caller::host("s2", "h2", None),
+        &record("s2", "h2", 1, "b1", None),
+        None,
+        None,
+    )?;
+    let acme = scoped(
+        Tenants::Reseller {
+            reseller_id: "acme".into(),
+        },
+        Role::ResellerOperator,
+    );
+    let all = BundleFilter {
+        limit: 100,
+        ..BundleFilter::default()
+    };
+    let seen = store.bundles(&acme, &all)?;
+    assert_eq!(seen.len(), 4, "acme's four bundles");
+    assert!(seen.iter().all(|b| b.site_id == "s1"), "none of other's");
+    assert_eq!(
+        store.bundles(&admin(), &all)?.len(),
+        5,
+        "an admin sees all five"
+    );
+    let other_site = BundleFilter {
+        site_id: Some("s2".into()),
+        ..all.clone()
+    };
+    assert!(
+        store.bundles(&acme, &other_site)?.is_empty(),
+        "a filter naming another reseller's site finds nothing"
+    );
+    let alerts = BundleFilter {
+        check: Some("firewall".into()),
+        outcome: Some("alert".into()),
+        ..all.clone()
+    };
+    let seqs: Vec<u64> = store
+        .bundles(&acme, &alerts)?
+        .iter()
+        .map(|b| b.seq)
+        .collect();
+    assert_eq!(seqs, vec![4, 2], "the alerts, newest first");
+    let two = BundleFilter {
+        limit: 2,
+        ..all.clone()
+    };
+    assert_eq!(store.bundles(&admin(), &two)?.len(), 2, "the limit applies");
+    let counts = store.bundle_counts(&acme)?;
+    let total: u64 = counts.iter().map(|c| c.count).sum();
+    assert_eq!(total, 4, "counts cover acme's bundles only: {counts:?}");
+    assert!(
+        counts.iter().any(|c| c.check == "firewall"
+            && c.outcome == "alert"
+            && c.count == 2
+            && c.reseller_id.as_deref() == Some("acme")),
+        "grouped by check and outcome: {counts:?}"
+    );
+    assert_eq!(
+        store
+            .bundle_counts(&admin())?
+            .iter()
+            .map(|c| c.count)
+            .sum::<u64>(),
+        5
+    );
     Ok(())
 }

@@ -578,6 +578,36 @@ print(f"{len(panels)} panels, every query names a metric the agent exports")
 PYEOF
 then pass "dashboard: 10+ panels on exported metrics"; else fail "dashboard does not match the exported metrics"; fi
 
+# The fleet dashboard reads the central server's /metrics: every name it queries must be
+# one mcp-server/src/metrics.rs exports, it refreshes every 30 s, and every per-host
+# series it queries is filtered by the reseller and site variables it defines.
+if python3 - modules/dashboards/mcp-fleet.json mcp-server/src/metrics.rs <<'PYEOF'
+import json, re, sys
+dash = json.load(open(sys.argv[1]))
+exported = set(re.findall(r'"(msp_[a-z_]+)"', open(sys.argv[2]).read()))
+panels = dash["panels"]
+assert len(panels) >= 10, f"{len(panels)} panels, the platform spec asks for 10"
+assert dash.get("refresh") == "30s", f"refresh is {dash.get('refresh')!r}, the platform spec asks for 30s"
+variables = {v["name"]: v for v in dash["templating"]["list"]}
+for name in ("reseller", "site"):
+    assert name in variables, f"no ${name} template variable"
+assert "$reseller" in variables["site"]["query"], "the site variable does not follow the reseller"
+ids = [p["id"] for p in panels]
+assert len(set(ids)) == len(ids), "panel ids repeat"
+per_host = re.compile(r"^msp_(compliance_score|control_status|chain_gaps|host_[a-z_]+)$")
+for p in panels:
+    assert p.get("targets"), f"panel {p['title']!r} has no query"
+    for t in p["targets"]:
+        for name in re.findall(r"msp_[a-z_]+", t["expr"]):
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            assert name in exported or base in exported, f"panel {p['title']!r} queries {name}, which mcp-server does not export"
+            if per_host.match(base):
+                for var in ("$reseller", "$site"):
+                    assert var in t["expr"], f"panel {p['title']!r} queries {name} without {var}"
+print(f"{len(panels)} panels, 30 s refresh, every query names a metric mcp-server exports")
+PYEOF
+then pass "fleet dashboard: 10+ panels on the server's exported metrics, filtered by reseller and site"; else fail "the fleet dashboard does not match the server's exported metrics"; fi
+
 section "flake.lock pins (see docs/nixpkgs-pin.md for the public sources)"
 if [ -f flake.lock ]; then
   if "$PY" - flake.lock >"$WORK/lock.out" 2>&1 <<'PYEOF'

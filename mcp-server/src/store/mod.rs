@@ -3,6 +3,7 @@
 //! the `Caller` and is scoped by its tenants here, not only in handlers.
 
 pub mod incidents;
+pub mod console;
 pub mod postgres;
 pub mod sqlite;
 
@@ -235,7 +236,7 @@ pub struct AuditEntry {
 
 /// The database. Implementations: [`sqlite::SqliteStore`] and [`postgres::PostgresStore`];
 /// the conformance suite in tests/store.rs runs against each. Calls block: async callers use `spawn_blocking`.
-pub trait Store: incidents::IncidentStore + Send + Sync {
+pub trait Store: incidents::IncidentStore + console::ConsoleStore + Send + Sync {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
     /// The newest migration applied.

@@ -14,6 +14,8 @@
 //! `spawn_blocking`.
 
 pub mod incidents;
+/// The console's storage (sessions, passwords, token revocation, evidence listing).
+mod console;
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -45,6 +47,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         2,
         "incidents",
         include_str!("../../migrations/postgres/0002_incidents.sql"),
+    ),
+    (
+        4,
+        "console",
+        include_str!("../../migrations/postgres/0004_console.sql"),
     ),
 ];
 

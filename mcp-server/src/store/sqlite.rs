@@ -2,6 +2,8 @@
 //! versioned append-only migrations from migrations/sqlite/.
 
 pub mod incidents;
+/// The console's storage (sessions, passwords, token revocation, evidence listing).
+mod console;
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -31,6 +33,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         2,
         "incidents",
         include_str!("../../migrations/sqlite/0002_incidents.sql"),
+    ),
+    (
+        4,
+        "console",
+        include_str!("../../migrations/sqlite/0004_console.sql"),
     ),
 ];
 

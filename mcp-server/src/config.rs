@@ -485,6 +485,7 @@ pub struct Config {
     pub orders: OrderPolicy,
     #[serde(default)]
     pub remediation: Remediation,
+    #[serde(default)]
     pub console: ConsoleSettings,
     #[serde(default)]
     pub metrics: MetricsSettings,

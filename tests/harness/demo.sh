@@ -75,12 +75,17 @@ cleanup() {
   CLEANED=1
   trap - EXIT INT TERM
   set +e
-  local pid name
+  local pid name stops=()
+  # The boxes first, in parallel, while the server still answers their last uploads.
+  for name in "${BOXES[@]}"; do
+    if [ -d "$(appliance_state_dir "$name")" ]; then
+      appliance_stop "$name" >/dev/null 2>&1 &
+      stops+=("$!")
+    fi
+  done
+  for pid in "${stops[@]}"; do wait "$pid"; done
   for pid in "${PIDS[@]}"; do
     kill -TERM "$pid" 2>/dev/null
-  done
-  for name in "${BOXES[@]}"; do
-    [ -d "$(appliance_state_dir "$name")" ] && appliance_stop "$name" >/dev/null 2>&1
   done
   for pid in "${PIDS[@]}"; do
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
@@ -350,10 +355,12 @@ follow() {
   local list id
   list=$("${MCP[@]}" incidents list --json 2>/dev/null) || return 0
   for id in $(jq -r '(.incidents // .)[] | .incident_id' <<<"$list" 2>/dev/null); do
+    grep -qxF "$id/done" "$SEEN" && continue
     "${MCP[@]}" incidents show "$id" --json 2>/dev/null | jq -r --arg id "$id" '
-      (.incident // .) as $i | (.timeline // []) as $t | ($i.site_id + "/" + $i.host_id) as $h |
-      ($t[] | [$id, (.id|tostring), .at, .kind, (.detail // ""), (.order_id // ""), $h, ($i.cause // ""), ($i.severity // "")] | @tsv)' 2>/dev/null
-  done | while IFS=$'\t' read -r id eid at kind detail order host cause severity; do
+      (.incident // .) as $i | ($i.site_id + "/" + $i.host_id) as $h |
+      ((.timeline // [])[] | [$id, (.id | tostring), (.at | tostring), .kind, $h, $i.cause, $i.severity,
+        (($i.remediation_sec // "") | tostring), ((.detail // "") | gsub("[\t\n\u001f]"; " "))] | join("\u001f"))' 2>/dev/null
+  done | while IFS=$'\x1f' read -r id eid at kind host cause severity took detail; do
     grep -qxF "$id/$eid" "$SEEN" && continue
     echo "$id/$eid" >>"$SEEN"
     local t=${at:11:8} short=${id:0:8}
@@ -361,7 +368,7 @@ follow() {
       evidence)
         if ! grep -qxF "$id/opened" "$SEEN"; then
           echo "$id/opened" >>"$SEEN"
-          printf '%s  incident opened  %s %s on %s (%s): %s\n' "$t" "$short" "$cause" "$host" "$severity" "$detail"
+          printf '%s  incident opened  %s %s on %s, severity %s: %s\n' "$t" "$short" "$cause" "$host" "$severity" "$detail"
         else
           printf '%s  incident updated %s: %s\n' "$t" "$short" "$detail"
         fi
@@ -369,7 +376,9 @@ follow() {
       plan) printf '%s  plan             %s: %s\n' "$t" "$short" "$detail" ;;
       order) printf '%s  order signed     %s: %s\n' "$t" "$short" "$detail" ;;
       order_result) printf '%s  result           %s: %s\n' "$t" "$short" "$detail" ;;
-      resolved | closed) printf '%s  incident closed  %s: %s\n' "$t" "$short" "$detail" ;;
+      resolved | closed)
+        echo "$id/done" >>"$SEEN"
+        printf '%s  incident closed  %s: %s (remediated in %s s)\n' "$t" "$short" "$detail" "${took:-?}" ;;
       *) printf '%s  %-16s %s: %s\n' "$t" "$kind" "$short" "$detail" ;;
     esac
   done

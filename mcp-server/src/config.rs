@@ -794,4 +794,44 @@ mod tests {
         let err = parse("[archive_s3]\nbucket = \"evidence\"\nsecret = \"x\"\n");
         assert!(err.contains("unknown field `secret`"), "{err}");
     }
+
+    /// Incidents and the planner: modes are named, the LLM settings are checked, and an
+    /// unknown key (a misspelt secret, say) is refused like everywhere else.
+    #[test]
+    fn remediation_settings_are_checked() {
+        let parse = |text: &str| -> String {
+            toml::from_str::<Config>(text)
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.validate().map_err(|e| e.to_string()))
+                .err()
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            Config::default().remediation.default_site_mode,
+            ExecutorMode::Approve,
+            "plans wait for an operator unless a site says otherwise"
+        );
+        assert_eq!(
+            parse(
+                "[remediation]\ndefault_site_mode = \"auto\"\n[remediation.llm]\nurl = \"http://127.0.0.1:8080/v1/chat/completions\"\nmodel = \"m\"\napi_key_file = \"/run/credentials/llm\"\n"
+            ),
+            ""
+        );
+        let err = parse("[remediation]\ndefault_site_mode = \"yolo\"\n");
+        assert!(err.contains("unknown variant `yolo`"), "{err}");
+        let err = parse("[remediation.llm]\nurl = \"x\"\nmodel = \"m\"\napi_key = \"sk-1\"\n");
+        assert!(err.contains("unknown field `api_key`"), "{err}");
+        let err = parse(
+            "[remediation]\nworker_interval_ms = 0\n[remediation.llm]\nurl = \"ftp://x\"\nmodel = \" \"\napi_key_file = \"key\"\ntimeout_sec = 0\n",
+        );
+        for needle in [
+            "worker_interval_ms",
+            "remediation.llm.url",
+            "remediation.llm.model",
+            "remediation.llm.timeout_sec",
+            "remediation.llm.api_key_file",
+        ] {
+            assert!(err.contains(needle), "names {needle}: {err}");
+        }
+    }
 }

@@ -198,7 +198,7 @@ fn validate_choice(content: &str, site: &Site) -> Result<Choice, String> {
         .map_or(text, str::trim);
     let choice: Choice = serde_json::from_str(text)
         .map_err(|e| format!("the answer is not the expected JSON choice: {e}"))?;
-    if !site.runbook_allowlist.iter().any(|r| *r == choice.runbook) {
+    if !site.runbook_allowlist.contains(&choice.runbook) {
         return Err(format!(
             "the answer picks runbook {:?}, which site {} does not allow",
             choice.runbook.chars().take(80).collect::<String>(),
@@ -398,4 +398,67 @@ pub(crate) fn record(
         },
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn site() -> Site {
+        Site {
+            site_id: "clinic-1".into(),
+            reseller_id: None,
+            runbook_allowlist: vec!["restart_unit".into(), "collect_evidence".into()],
+            created_at: Timestamp::UNIX_EPOCH,
+        }
+    }
+
+    proptest! {
+        /// Whatever the model answers, a choice that passes names a runbook the site
+        /// allows, with params its schema accepts.
+        #[test]
+        fn an_accepted_choice_is_allowed_and_valid(
+            runbook in prop_oneof![
+                Just("restart_unit".to_owned()),
+                Just("collect_evidence".to_owned()),
+                Just("switch_generation".to_owned()),
+                "[a-z_]{1,24}",
+            ],
+            unit in prop_oneof![Just("sshd.service".to_owned()), "\\PC{0,40}"],
+            extra in proptest::option::of("[a-z_]{1,12}"),
+        ) {
+            let mut params = json!({ "unit": unit });
+            if let Some(k) = &extra {
+                params[k.as_str()] = json!(true);
+            }
+            let content = json!({ "runbook": runbook, "params": params, "rationale": "r" }).to_string();
+            if let Ok(choice) = validate_choice(&content, &site()) {
+                prop_assert!(site().runbook_allowlist.contains(&choice.runbook));
+                prop_assert!(check_params(&choice.runbook, &choice.params).is_ok());
+            }
+        }
+
+        /// Arbitrary text is refused with a reason, never a panic.
+        #[test]
+        fn arbitrary_text_is_refused(text in "\\PC{0,200}") {
+            prop_assume!(!text.contains("runbook"));
+            prop_assert!(validate_choice(&text, &site()).is_err());
+        }
+    }
+
+    #[test]
+    fn a_valid_choice_passes_and_a_forbidden_one_is_named() {
+        let ok = r#"{"runbook": "restart_unit", "params": {"unit": "sshd.service"}, "rationale": "down"}"#;
+        assert!(validate_choice(ok, &site()).is_ok(), "a valid choice");
+        let forbidden =
+            r#"{"runbook": "stop_unit", "params": {"unit": "sshd.service"}, "rationale": "x"}"#;
+        let err = validate_choice(forbidden, &site())
+            .err()
+            .unwrap_or_default();
+        assert!(
+            err.contains("stop_unit") && err.contains("does not allow"),
+            "{err}"
+        );
+    }
 }

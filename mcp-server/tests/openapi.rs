@@ -18,6 +18,13 @@ const OPERATOR_ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/ops/orders/{order_id}/approve"),
     ("get", "/api/v1/ops/audit"),
     ("get", "/api/v1/openapi.json"),
+    ("get", "/api/v1/incidents"),
+    ("get", "/api/v1/incidents/{incident_id}"),
+    ("post", "/api/v1/incidents/{incident_id}/close"),
+    ("post", "/api/v1/incidents/{incident_id}/plan"),
+    ("post", "/api/v1/incidents/{incident_id}/execute"),
+    ("get", "/api/v1/ops/sites/{site}/executor"),
+    ("put", "/api/v1/ops/sites/{site}/executor"),
 ];
 
 fn operations(doc: &Value) -> Vec<(String, String)> {
@@ -82,12 +89,13 @@ fn the_openapi_document_names_every_operator_route_and_each_is_served() -> TestR
         let concrete = path
             .replace("{site}", "clinic-1")
             .replace("{host}", "frontdesk-01")
-            .replace("{order_id}", "00000000-0000-0000-0000-000000000000");
+            .replace("{order_id}", "00000000-0000-0000-0000-000000000000")
+            .replace("{incident_id}", "00000000-0000-0000-0000-000000000000");
         let url = format!("{base}{concrete}");
-        let (status, body) = if method == "get" {
-            get(&agent, &url)
-        } else {
-            post_json(&agent, &url, &serde_json::json!({}))
+        let (status, body) = match method.as_str() {
+            "get" => get(&agent, &url),
+            "put" => put_json(&agent, &url, &serde_json::json!({})),
+            _ => post_json(&agent, &url, &serde_json::json!({})),
         };
         if path == mcp_server::api::ops::OPENAPI_PATH {
             assert_eq!(status, 200, "{method} {path}: {body}");
@@ -115,4 +123,23 @@ fn the_openapi_document_names_every_operator_route_and_each_is_served() -> TestR
         "an undocumented operator path is the fallback's 404: {body}"
     );
     Ok(())
+}
+
+/// PUTs a JSON body: (status, body).
+fn put_json(agent: &ureq::Agent, url: &str, body: &Value) -> (u16, Value) {
+    match agent
+        .put(url)
+        .header("Content-Type", "application/json")
+        .send(body.to_string().as_bytes())
+    {
+        Ok(mut r) => {
+            let status = r.status().as_u16();
+            let text = r.body_mut().read_to_string().unwrap_or_default();
+            (
+                status,
+                serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            )
+        }
+        Err(e) => (0, Value::String(e.to_string())),
+    }
 }

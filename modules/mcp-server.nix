@@ -64,10 +64,64 @@ let
   '';
 
   port = address: lib.toInt (lib.last (lib.splitString ":" address));
+
+  # Prometheus runs on this machine: it reaches the operator listener on loopback.
+  scrapeTarget =
+    let
+      listen = cfg.settings.operator_listen;
+    in
+    if lib.hasPrefix "[" listen then
+      "[::1]:${toString (port listen)}"
+    else
+      "127.0.0.1:${toString (port listen)}";
+
+  # The fleet dashboard alone, as Grafana's file provider reads a directory.
+  dashboards = pkgs.runCommand "mcp-server-dashboards" { } ''
+    mkdir -p $out
+    cp ${./dashboards/mcp-fleet.json} $out/mcp-fleet.json
+  '';
 in
 {
   options.services.mcp-server = {
     enable = lib.mkEnableOption "the MSP's central server for compliance appliances (mcp-server)";
+
+    monitoring = {
+      prometheus = {
+        enable = lib.mkEnableOption "a scrape job for the server's fleet metrics (/metrics on the operator listener) in this machine's services.prometheus";
+        scrapeInterval = lib.mkOption {
+          type = lib.types.str;
+          # The platform's dashboard refreshes every 30 s.
+          default = "30s";
+          description = "How often Prometheus reads /metrics; each read computes the fleet state from the database.";
+        };
+        tokenFile = lib.mkOption {
+          type = lib.types.nullOr lib.types.str;
+          default = null;
+          example = "/run/secrets/prometheus/mcp-operator-token";
+          description = ''
+            A file holding an operator token (`mcp-server-admin users add`) that Prometheus
+            sends as its bearer token; it must be readable by the prometheus user and is
+            never copied into the Nix store. The figures cover that operator's tenants (an
+            admin's: the whole fleet). Needed unless settings.metrics.access = "loopback".
+          '';
+        };
+        caFile = lib.mkOption {
+          type = lib.types.str;
+          example = "/etc/mcp-server/operator-ca.pem";
+          description = ''
+            The CA certificate Prometheus checks the operator listener's certificate with: a
+            copy of the server's <state_dir>/ca/ca.pem, or your CA's when tls.certFile is set.
+          '';
+        };
+        serverName = lib.mkOption {
+          type = lib.types.str;
+          default = lib.head cfg.settings.server_names;
+          defaultText = lib.literalExpression "lib.head config.services.mcp-server.settings.server_names";
+          description = "The name Prometheus expects in the certificate (it connects to the loopback address).";
+        };
+      };
+      grafana.enable = lib.mkEnableOption "the fleet dashboard (modules/dashboards/mcp-fleet.json, per reseller and site) in this machine's services.grafana, provisioned from the Nix store";
+    };
 
     package = lib.mkOption {
       type = lib.types.package;
@@ -321,6 +375,64 @@ in
           };
         };
       }
+
+      (lib.mkIf cfg.monitoring.prometheus.enable {
+        assertions = [
+          {
+            assertion =
+              cfg.monitoring.prometheus.tokenFile != null
+              || (cfg.settings.metrics.access or "token") == "loopback";
+            message = "services.mcp-server.monitoring.prometheus needs tokenFile (an operator token Prometheus sends), or settings.metrics.access = \"loopback\" with operator_listen on loopback.";
+          }
+          {
+            assertion = (cfg.settings.metrics.access or "token") != "off";
+            message = "services.mcp-server.monitoring.prometheus scrapes /metrics, but settings.metrics.access = \"off\" serves none: drop one of the two.";
+          }
+        ];
+        services.prometheus = {
+          enable = lib.mkDefault true;
+          scrapeConfigs = [
+            (
+              {
+                job_name = "mcp-server";
+                scheme = "https";
+                metrics_path = "/metrics";
+                scrape_interval = cfg.monitoring.prometheus.scrapeInterval;
+                tls_config = {
+                  ca_file = cfg.monitoring.prometheus.caFile;
+                  server_name = cfg.monitoring.prometheus.serverName;
+                };
+                static_configs = [ { targets = [ scrapeTarget ]; } ];
+              }
+              // lib.optionalAttrs (cfg.monitoring.prometheus.tokenFile != null) {
+                authorization = {
+                  type = "Bearer";
+                  credentials_file = cfg.monitoring.prometheus.tokenFile;
+                };
+              }
+            )
+          ];
+        };
+      })
+
+      (lib.mkIf cfg.monitoring.grafana.enable {
+        services.grafana = {
+          enable = lib.mkDefault true;
+          provision = {
+            enable = true;
+            dashboards.settings.providers = [
+              {
+                name = "mcp-server";
+                type = "file";
+                # Read-only: the dashboard is the one in this repository.
+                disableDeletion = true;
+                allowUiUpdates = false;
+                options.path = dashboards;
+              }
+            ];
+          };
+        };
+      })
 
       (lib.mkIf (cfg.database == "postgresql") {
         services.postgresql = {

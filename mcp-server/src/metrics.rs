@@ -445,6 +445,47 @@ async fn metrics(
 mod tests {
     use super::*;
 
+    /// Reads back one escaped label value (the exposition format's three escapes).
+    fn unescape(v: &str) -> String {
+        let mut out = String::new();
+        let mut chars = v.chars();
+        while let Some(c) = chars.next() {
+            if c == '\\' {
+                match chars.next() {
+                    Some('n') => out.push('\n'),
+                    Some(other) => out.push(other),
+                    None => out.push('\\'),
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    proptest::proptest! {
+        /// Whatever a label value holds (quotes, backslashes, newlines), its sample stays
+        /// one line, the value stays inside its quotes and reads back unchanged: a
+        /// hostile id cannot add a series or a label.
+        #[test]
+        fn any_label_value_stays_one_sample(v in "\\PC*|[\"\\\\\n a-z{}=,]*") {
+            let mut e = Exposition::default();
+            e.sample("m", &[("host", &v), ("site", "s")], 1.0);
+            let text = e.into_text();
+            proptest::prop_assert_eq!(text.lines().count(), 1, "{:?}", text);
+            let inner = text
+                .strip_prefix("m{host=\"")
+                .and_then(|t| t.strip_suffix("\",site=\"s\"} 1\n"))
+                .ok_or_else(|| proptest::test_runner::TestCaseError::fail(format!("shape: {text:?}")))?;
+            let mut escaped = false;
+            for c in inner.chars() {
+                proptest::prop_assert!(escaped || c != '"', "an unescaped quote in {:?}", text);
+                escaped = !escaped && c == '\\';
+            }
+            proptest::prop_assert_eq!(unescape(inner), v);
+        }
+    }
+
     #[test]
     fn label_values_are_escaped() {
         let mut e = Exposition::default();

@@ -151,6 +151,9 @@ fn cookies_are_secure_httponly_strict_and_host_only() -> TestResult {
     Ok(())
 }
 
+/// One refused sign-in: the cookie sent, the form fields, the status, what it shows.
+type SignInCase<'a> = (Option<&'a str>, Vec<(&'a str, &'a str)>, u16, &'a str);
+
 /// Sign-in is refused without this browser's sign-in cookie (login CSRF), with a wrong
 /// token, and with a wrong password; each refusal is audited and starts no session.
 #[test]
@@ -163,7 +166,7 @@ fn sign_in_refusals_are_audited_and_start_nothing() -> TestResult {
         .set_cookie("__Host-mcp_signin")
         .ok_or("sign-in cookie")?;
     let pre_cookie = format!("__Host-mcp_signin={pre}");
-    let cases: [(Option<&str>, Vec<(&str, &str)>, u16, &str); 5] = [
+    let cases: [SignInCase; 5] = [
         (
             None,
             vec![("csrf", &pre), ("token", &fleet.bob.token)],
@@ -497,6 +500,18 @@ fn a_new_token_is_shown_once_and_revocation_stops_enrollment() -> TestResult {
         let again = get(&agent, &format!("{base}{url}"), Some(&rita));
         assert!(!again.body.contains(&token), "{url} shows the secret again");
     }
+    let incomplete = post_form(
+        &agent,
+        &format!("{base}/console/tokens"),
+        Some(&rita),
+        &[("csrf", &csrf)],
+    );
+    assert_eq!(incomplete.status, 422, "no site: {}", incomplete.body);
+    assert!(
+        incomplete.body.contains("No token made") && !incomplete.body.contains("CSRF"),
+        "named as what it is: {}",
+        incomplete.body
+    );
     let listed = fleet
         .server
         .svc()
@@ -583,17 +598,19 @@ fn start_chromedriver() -> Chromedriver {
         .http_status_as_error(false)
         .build()
         .new_agent();
+    // The guard kills and reaps the process on every path from here on.
+    let driver = Chromedriver { child, url };
     while Instant::now() < deadline {
         if agent
-            .get(&format!("{url}/status"))
+            .get(&format!("{}/status", driver.url))
             .call()
             .is_ok_and(|r| r.status() == 200)
         {
-            return Chromedriver { child, url };
+            return driver;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!("chromedriver did not answer on {url}");
+    panic!("chromedriver did not answer on {}", driver.url);
 }
 
 /// The workspace's target directory.
@@ -852,5 +869,100 @@ fn the_console_can_be_switched_off() -> TestResult {
     );
     assert_eq!(a.status, 404, "{}", a.body);
     assert!(a.body.contains("no such operator route"), "{}", a.body);
+    Ok(())
+}
+
+/// A password set on the Account page (argon2id in the database, never the text) signs
+/// the operator in by name; a wrong one, a short one or mismatched ones do not.
+#[test]
+fn a_password_set_in_the_console_signs_in_by_name() -> TestResult {
+    let fleet = Fleet::start();
+    let (agent, base) = (browserless(&fleet.server.ca_pem()), fleet.ops_url());
+    let rita = session(&sign_in(&agent, &base, &fleet.rita.token));
+    let page = get(&agent, &format!("{base}/console/account"), Some(&rita));
+    let csrf = csrf_field(&page.body).ok_or("csrf")?;
+    let url = format!("{base}/console/account/password");
+    let short = post_form(
+        &agent,
+        &url,
+        Some(&rita),
+        &[("csrf", &csrf), ("password", "short"), ("confirm", "short")],
+    );
+    assert_eq!(short.status, 422, "{}", short.body);
+    let differ = post_form(
+        &agent,
+        &url,
+        Some(&rita),
+        &[
+            ("csrf", &csrf),
+            ("password", "correct horse battery"),
+            ("confirm", "correct horse batterx"),
+        ],
+    );
+    assert_eq!(differ.status, 422, "{}", differ.body);
+    assert!(
+        fleet
+            .server
+            .svc()
+            .store
+            .operator_password("rita")?
+            .is_none(),
+        "nothing stored yet"
+    );
+    let set = post_form(
+        &agent,
+        &url,
+        Some(&rita),
+        &[
+            ("csrf", &csrf),
+            ("password", "correct horse battery"),
+            ("confirm", "correct horse battery"),
+        ],
+    );
+    assert_eq!(set.status, 200, "{}", set.body);
+    let (_, phc) = fleet
+        .server
+        .svc()
+        .store
+        .operator_password("rita")?
+        .ok_or("stored")?;
+    assert!(
+        phc.starts_with("$argon2id$") && !phc.contains("correct horse"),
+        "a hash: {phc}"
+    );
+
+    let sign_in_url = format!("{base}/console/sign-in");
+    let try_password = |name: &str, password: &str| {
+        let form = get(&agent, &sign_in_url, None);
+        let (pre, _) = form
+            .set_cookie("__Host-mcp_signin")
+            .expect("sign-in cookie");
+        post_form(
+            &agent,
+            &sign_in_url,
+            Some(&format!("__Host-mcp_signin={pre}")),
+            &[("csrf", &pre), ("name", name), ("password", password)],
+        )
+    };
+    let wrong = try_password("rita", "correct horse batterx");
+    assert!(
+        wrong.status == 401 && wrong.set_cookie("__Host-mcp_session").is_none(),
+        "wrong password: {}",
+        wrong.status
+    );
+    let other = try_password("otto", "correct horse battery");
+    assert_eq!(other.status, 401, "another operator's name");
+    let ok = try_password("rita", "correct horse battery");
+    assert_eq!(ok.status, 303, "{}", ok.body);
+    let cookie = session(&ok.set_cookie("__Host-mcp_session").ok_or("session")?.0);
+    let fleet_page = get(&agent, &format!("{base}/console/fleet"), Some(&cookie));
+    assert!(
+        fleet_page.body.contains("rita") && fleet_page.body.contains("reseller acme"),
+        "signed in as rita with rita's scope"
+    );
+    assert!(
+        !fleet_page.body.contains("dental-9"),
+        "and only rita's tenants"
+    );
     Ok(())
 }

@@ -608,6 +608,33 @@ print(f"{len(panels)} panels, 30 s refresh, every query names a metric mcp-serve
 PYEOF
 then pass "fleet dashboard: 10+ panels on the server's exported metrics, filtered by reseller and site"; else fail "the fleet dashboard does not match the server's exported metrics"; fi
 
+# The module's Prometheus job uses only keys nixpkgs' services.prometheus.scrapeConfigs
+# type declares (nixos/modules/services/monitoring/prometheus/default.nix: scrape_config,
+# tls_config, static_config; authorization is free-form attrs), and every dashboard file
+# it provisions exists: a typo would otherwise surface only in a NixOS evaluation.
+if python3 - modules/mcp-server.nix <<'PYEOF'
+import os, re, sys
+text = open(sys.argv[1]).read()
+job = text[text.index("scrapeConfigs = ["):text.index("services.grafana")]
+known = {"job_name", "scheme", "metrics_path", "scrape_interval", "scrape_timeout", "tls_config",
+         "static_configs", "authorization", "honor_labels", "params", "basic_auth",
+         "relabel_configs", "metric_relabel_configs"}
+known_tls = {"ca_file", "cert_file", "key_file", "server_name", "insecure_skip_verify"}
+known_auth = {"type", "credentials", "credentials_file"}
+used = set(re.findall(r"^\s*([a-z_]+) = ", job, re.M))
+nested = {"ca_file", "server_name", "type", "credentials_file", "targets"}
+unknown = used - known - known_tls - known_auth - nested
+assert not unknown, f"keys nixpkgs' scrape_config does not declare: {sorted(unknown)}"
+for key in re.findall(r"tls_config = \{([^}]*)\}", job, re.S):
+    bad = set(re.findall(r"([a-z_]+) =", key)) - known_tls
+    assert not bad, f"tls_config keys unknown to nixpkgs: {sorted(bad)}"
+for ref in re.findall(r"\./dashboards/([A-Za-z0-9_.-]+)", text):
+    path = os.path.join(os.path.dirname(sys.argv[1]), "dashboards", ref)
+    assert os.path.isfile(path), f"the module provisions {path}, which does not exist"
+print("scrape job keys known to nixpkgs; provisioned dashboards exist")
+PYEOF
+then pass "mcp-server module: Prometheus job keys and the provisioned dashboard"; else fail "mcp-server module: Prometheus job or dashboard path"; fi
+
 section "flake.lock pins (see docs/nixpkgs-pin.md for the public sources)"
 if [ -f flake.lock ]; then
   if "$PY" - flake.lock >"$WORK/lock.out" 2>&1 <<'PYEOF'

@@ -476,6 +476,33 @@ mod tests {
         assert_eq!(cookie(&h, "mcp_session"), None, "exact names only");
     }
 
+    proptest::proptest! {
+        /// A Cookie header yields the value of the cookie with exactly that name (the first
+        /// one), never a cookie whose name merely contains it or starts with it.
+        #[test]
+        fn only_the_named_cookie_is_read(
+            others in proptest::collection::vec(("[a-zA-Z_-]{1,20}", "[A-Za-z0-9_-]{0,20}"), 0..6),
+            session in proptest::option::of("[A-Za-z0-9_-]{1,40}"),
+            at in 0usize..6,
+        ) {
+            let mut pairs: Vec<(String, String)> = others
+                .into_iter()
+                .filter(|(k, _)| k != SESSION_COOKIE)
+                .collect();
+            // Look-alike names around the real one.
+            pairs.push((format!("x{SESSION_COOKIE}"), "lookalike".into()));
+            pairs.push((SESSION_COOKIE.trim_start_matches("__Host-").into(), "unprefixed".into()));
+            if let Some(s) = &session {
+                let at = at.min(pairs.len());
+                pairs.insert(at, (SESSION_COOKIE.into(), s.clone()));
+            }
+            let header = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; ");
+            let mut h = HeaderMap::new();
+            h.insert(header::COOKIE, HeaderValue::from_str(&header).map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?);
+            proptest::prop_assert_eq!(cookie(&h, SESSION_COOKIE), session, "{}", header);
+        }
+    }
+
     #[test]
     fn passwords_hash_with_argon2id_and_verify() -> Result<(), Box<dyn std::error::Error>> {
         let phc = hash_password("correct horse battery")?;

@@ -671,7 +671,7 @@ pub async fn host(
             });
         }
     }
-    timeline.sort_by(|a, b| b.sort.cmp(&a.sort));
+    timeline.sort_by_key(|t| std::cmp::Reverse(t.sort));
     let summary = host_row(&status);
     st.page(
         &v,
@@ -1225,6 +1225,9 @@ pub async fn tokens(
 #[derive(Deserialize)]
 pub struct TokenForm {
     csrf: Option<String>,
+    // Missing fields are empty, so only a body that is not a form at all is rejected
+    // before its CSRF token is checked; an empty site is refused by create_token.
+    #[serde(default)]
     site: String,
     #[serde(default)]
     reseller: String,
@@ -1467,7 +1470,9 @@ pub async fn account(
 #[derive(Deserialize)]
 pub struct PasswordForm {
     csrf: Option<String>,
+    #[serde(default)]
     password: String,
+    #[serde(default)]
     confirm: String,
 }
 

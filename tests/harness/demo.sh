@@ -437,7 +437,19 @@ while :; do
   if [ "$SECONDS" -ge "$next" ]; then
     i=$((round % 3))
     case $((round % 3)) in
-      0) stop_service "${BOXES[$i]}" "${SITES[$i]}/${HOSTS[$i]}" ;;
+      0)
+        stop_service "${BOXES[$i]}" "${SITES[$i]}/${HOSTS[$i]}"
+        # Restarted within seconds by the box itself, or left to the MSP within its cooldown.
+        for _ in 1 2 3 4 5 6; do
+          sleep 0.5
+          if unit_active "${BOXES[$i]}" clinic-app.service; then
+            say "healed on the box: clinic-app.service restarted by the agent itself (no incident)"
+            break
+          fi
+        done
+        unit_active "${BOXES[$i]}" clinic-app.service \
+          || say "not restarted by the box (its restart cooldown): the box reports it to the server"
+        ;;
       1) flush_firewall "${BOXES[$i]}" "${SITES[$i]}/${HOSTS[$i]}" ;;
       2) stale_signatures "${BOXES[$i]}" "${SITES[$i]}/${HOSTS[$i]}" ;;
     esac

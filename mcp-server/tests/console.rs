@@ -969,3 +969,98 @@ fn a_password_set_in_the_console_signs_in_by_name() -> TestResult {
     );
     Ok(())
 }
+
+/// The incident pages show what the boxes reported (an alert bundle opens an incident)
+/// with its timeline, and an action on an incident needs this session's CSRF token: a
+/// forged close changes nothing; the real form closes it, with its reason, audited.
+#[test]
+fn incident_pages_show_the_timeline_and_close_only_by_a_real_form() -> TestResult {
+    use mcp_server::store::incidents::{IncidentFilter, IncidentState};
+    let fleet = Fleet::start();
+    let (agent, base) = (browserless(&fleet.server.ca_pem()), fleet.ops_url());
+    let bob = session(&sign_in(&agent, &base, &fleet.bob.token));
+    let open = fleet.server.svc().store.incidents(
+        &Caller::local("t"),
+        &IncidentFilter {
+            state: Some(IncidentState::Open),
+            ..IncidentFilter::default()
+        },
+    )?;
+    let first = open
+        .first()
+        .ok_or("the fleet's alert bundles opened incidents")?;
+    let list = get(&agent, &format!("{base}/console/incidents"), Some(&bob));
+    assert_eq!(list.status, 200, "{}", list.body);
+    let visible: Vec<_> = open
+        .iter()
+        .filter(|i| {
+            list.body
+                .contains(&format!("/console/incidents/{}", i.incident_id))
+        })
+        .collect();
+    assert!(
+        !visible.is_empty(),
+        "the list links its incidents: {}",
+        list.body
+    );
+    let first = visible.first().copied().unwrap_or(first);
+    let url = format!("{base}/console/incidents/{}", first.incident_id);
+    let page = get(&agent, &url, Some(&bob));
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.body.contains("Timeline"), "{}", page.body);
+    // minijinja escapes '/' in HTML, so the host is looked for by its parts.
+    assert!(
+        page.body.contains(&first.site_id) && page.body.contains(&first.host_id),
+        "names the host"
+    );
+    let csrf = csrf_field(&page.body).ok_or("the page's csrf")?;
+    let close = format!("{url}/close");
+    let a = post_form(
+        &agent,
+        &close,
+        Some(&bob),
+        &[("csrf", &format!("{csrf}x")), ("reason", "forged")],
+    );
+    assert_eq!(a.status, 403, "a forged close is refused: {}", a.body);
+    let still = fleet
+        .server
+        .svc()
+        .store
+        .incident(&Caller::local("t"), &first.incident_id)?
+        .ok_or("incident")?;
+    assert_eq!(still.state, IncidentState::Open, "nothing changed");
+    let a = post_form(
+        &agent,
+        &close,
+        Some(&bob),
+        &[
+            ("csrf", &csrf),
+            ("reason", "handled by phone with the clinic"),
+        ],
+    );
+    assert_eq!(a.status, 303, "closed: {}", a.body);
+    let done = fleet
+        .server
+        .svc()
+        .store
+        .incident(&Caller::local("t"), &first.incident_id)?
+        .ok_or("incident")?;
+    assert_eq!(done.state, IncidentState::Closed);
+    assert_eq!(
+        done.resolution.as_deref(),
+        Some("handled by phone with the clinic")
+    );
+    let location = a.header("location");
+    assert_eq!(
+        location,
+        format!("/console/incidents/{}?done=close", first.incident_id),
+        "back to the incident"
+    );
+    let after = get(&agent, &format!("{base}{location}"), Some(&bob));
+    assert!(
+        after.body.contains("closed") && after.body.contains("The incident is closed."),
+        "{}",
+        after.body
+    );
+    Ok(())
+}

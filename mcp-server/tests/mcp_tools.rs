@@ -20,8 +20,8 @@ use serde_json::{Value, json};
 const READ_ONLY_TOOLS: &[&str] = &[
     "fleet_status",
     "list_evidence",
-    "show_bundle",
     "list_incidents",
+    "show_bundle",
     "show_host",
     "show_incident",
     "verify_chain",
@@ -355,6 +355,7 @@ fn tool_names(list: &Value) -> Vec<String> {
 fn read_only_tools_answer(transport: Transport) -> TestResult {
     let w = world();
     let bundle = &w.acme_bundles[2];
+    let incident = acme_incident(&w)?;
     let answer = w.drive(
         transport,
         &w.acme_token,
@@ -370,20 +371,33 @@ fn read_only_tools_answer(transport: Transport) -> TestResult {
             { "op": "list_resource_templates" },
             { "op": "read_resource", "uri": format!("bundle://{bundle}") },
             call("list_incidents", json!({ "host": ACME_HOST, "state": "all" })),
+            call("show_incident", json!({ "incident_id": incident })),
             call("show_incident", json!({ "incident_id": "no-such-incident" })),
         ]),
     );
     {
         let r = answer["results"].as_array().ok_or("results")?;
         let listed = ok(&r[9], "list_incidents");
+        let mut ids = Vec::new();
         for i in listed["incident_list"].as_array().ok_or("incident_list")? {
             assert_eq!(i["host"], ACME_HOST, "only the host asked for: {i}");
             assert_eq!(
                 i["tenant"]["reseller_id"], "acme",
                 "the tenant is named: {i}"
             );
+            ids.push(i["incident_id"].clone());
         }
-        let text = tool_error(&r[10], "show_incident of an unknown id");
+        assert!(
+            ids.contains(&json!(incident)),
+            "the failed backup's incident is listed: {listed}"
+        );
+        let shown = ok(&r[10], "show_incident");
+        assert_eq!(shown["incident"]["incident_id"], json!(incident), "{shown}");
+        assert!(
+            !shown["timeline"].as_array().ok_or("timeline")?.is_empty(),
+            "with its timeline: {shown}"
+        );
+        let text = tool_error(&r[11], "show_incident of an unknown id");
         assert!(text.contains("not found among your tenants"), "{text}");
     }
     assert_eq!(
@@ -553,6 +567,104 @@ fn http_initialize_list_and_call_each_read_only_tool() -> TestResult {
 /// naming it, audited, and no second order exists. Malformed arguments, a forbidden
 /// runbook and a bad TTL are refused the same way; a disruptive runbook is stored
 /// unsigned, waiting for a person, and no tool can approve it.
+/// An open incident of the acme host (its delivered failed backups opened one).
+fn acme_incident(w: &World) -> Result<String, Box<dyn std::error::Error>> {
+    use mcp_server::store::incidents::{IncidentFilter, IncidentState};
+    let (site, host) = ACME_HOST.split_once('/').ok_or("SITE/HOST")?;
+    let open = w.server.svc().store.incidents(
+        &Caller::local("test"),
+        &IncidentFilter {
+            state: Some(IncidentState::Open),
+            site_id: Some(site.into()),
+            host_id: Some(host.into()),
+            ..IncidentFilter::default()
+        },
+    )?;
+    Ok(open
+        .first()
+        .ok_or("the acme host's failed evidence opened an incident")?
+        .incident_id
+        .clone())
+}
+
+/// propose_remediation keeps a plan on the incident and signs nothing; another
+/// reseller's token cannot plan it, and an unknown incident is named.
+#[test]
+fn propose_remediation_keeps_a_plan_and_signs_nothing() -> TestResult {
+    let w = world();
+    let incident = acme_incident(&w)?;
+    let orders_before = w
+        .server
+        .svc()
+        .store
+        .orders(&Caller::local("test"), None)?
+        .len();
+    let answer = w.drive(
+        Transport::Stdio,
+        &w.acme_token,
+        &[],
+        json!([
+            call("propose_remediation", json!({ "incident_id": incident })),
+            call(
+                "propose_remediation",
+                json!({ "incident_id": "no-such-incident" })
+            ),
+        ]),
+    );
+    let r = answer["results"].as_array().ok_or("results")?;
+    let plan = ok(&r[0], "propose_remediation");
+    assert_eq!(plan["plan"]["incident_id"], json!(incident), "{plan}");
+    assert_eq!(plan["tenant"]["reseller_id"], "acme", "{plan}");
+    assert!(
+        plan["plan"]["rationale"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty()),
+        "{plan}"
+    );
+    let unknown = tool_error(&r[1], "an unknown incident");
+    assert!(
+        unknown.contains("not found among your tenants"),
+        "{unknown}"
+    );
+    let other = w.drive(
+        Transport::Stdio,
+        &w.globex_token,
+        &[],
+        json!([call(
+            "propose_remediation",
+            json!({ "incident_id": incident })
+        )]),
+    );
+    let text = tool_error(&other["results"][0], "another reseller's incident");
+    assert!(
+        text.contains("not found among your tenants") && !text.contains("acme"),
+        "{text}"
+    );
+    let stored = w
+        .server
+        .svc()
+        .store
+        .incident(&Caller::local("test"), &incident)?
+        .ok_or("incident")?;
+    assert!(stored.plan.is_some(), "the plan is kept on the incident");
+    assert_eq!(
+        w.server
+            .svc()
+            .store
+            .orders(&Caller::local("test"), None)?
+            .len(),
+        orders_before,
+        "no order was made"
+    );
+    assert!(
+        w.audit()
+            .iter()
+            .any(|e| e.action == "mcp.propose_remediation" && e.outcome == "ok"),
+        "audited"
+    );
+    Ok(())
+}
+
 #[test]
 fn request_order_goes_through_the_guardrails() -> TestResult {
     let w = world();
@@ -739,8 +851,8 @@ fn reseller_token_cannot_see_another_resellers_host() -> TestResult {
     };
     assert_eq!(
         refused("mcp."),
-        16,
-        "eight refusals per transport (seven tools, one resource), each audited"
+        18,
+        "nine refusals per transport (eight tool calls, one resource), each audited"
     );
     assert_eq!(
         refused("order.create:"),

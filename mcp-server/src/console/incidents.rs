@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::pages::{attempt, ser, viewer, when, work};
 use super::{Console, Viewer, redirect};
 use crate::api::ConnInfo;
-use crate::store::incidents::{IncidentFilter, IncidentState, PlanState};
+use crate::store::incidents::{IncidentFilter, IncidentState};
 
 #[derive(Deserialize, Default)]
 pub struct ListQuery {
@@ -29,7 +29,7 @@ struct IncidentRow {
     cause: String,
     severity: String,
     state: &'static str,
-    plan_state: String,
+    plan_state: &'static str,
     opened_at: String,
     summary: String,
 }
@@ -71,7 +71,7 @@ pub async fn list(
             cause: i.cause.clone(),
             severity: i.severity.clone(),
             state: i.state.as_str(),
-            plan_state: plan_label(i.plan_state),
+            plan_state: i.plan_state.as_str(),
             opened_at: when(i.opened_at),
             summary: i.summary.clone(),
         })
@@ -83,13 +83,6 @@ pub async fn list(
         "/console/incidents",
         context! { incidents => ser(&rows), all },
     )
-}
-
-fn plan_label(p: PlanState) -> String {
-    serde_json::to_value(p)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_else(|| format!("{p:?}"))
 }
 
 async fn incident_page(
@@ -142,7 +135,7 @@ async fn incident_page(
                 opened_at => when(i.opened_at), updated_at => when(i.updated_at),
                 resolved_at => i.resolved_at.map(when), resolved_by => i.resolved_by.clone(),
                 resolution => i.resolution.clone(), remediation_sec => i.remediation_sec,
-                plan_state => plan_label(i.plan_state), order_id => i.order_id.clone(),
+                plan_state => i.plan_state.as_str(), order_id => i.order_id.clone(),
             },
             plan, timeline, may_act, notice, error,
             order => view.order.as_ref().map(|o| context! {

@@ -61,11 +61,11 @@ fn tenant_of(svc: &Services, caller: &Caller, site_id: &str) -> Result<Value, St
     Ok(tenant_json(reseller.as_deref(), site_id))
 }
 
-fn summary(svc: &Services, caller: &Caller, i: &IncidentRecord) -> Result<Value, ToolError> {
-    Ok(json!({
+fn summary(i: &IncidentRecord, tenant: Value) -> Value {
+    json!({
         "incident_id": i.incident_id,
         "host": format!("{}/{}", i.site_id, i.host_id),
-        "tenant": tenant_of(svc, caller, &i.site_id)?,
+        "tenant": tenant,
         "cause": i.cause,
         "check": i.check,
         "state": i.state.as_str(),
@@ -76,7 +76,7 @@ fn summary(svc: &Services, caller: &Caller, i: &IncidentRecord) -> Result<Value,
         "updated_at": i.updated_at,
         "plan_state": i.plan_state,
         "order_id": i.order_id,
-    }))
+    })
 }
 
 pub(super) fn list_incidents(
@@ -128,10 +128,20 @@ pub(super) fn list_incidents(
         limit: Some(limit),
     };
     let found = crate::incidents::list(svc, caller, &filter)?;
-    let listed = found
-        .iter()
-        .map(|i| summary(svc, caller, i))
-        .collect::<Result<Vec<_>, _>>()?;
+    // One site lookup per site listed, not per incident.
+    let mut tenants = std::collections::BTreeMap::new();
+    let mut listed = Vec::with_capacity(found.len());
+    for i in &found {
+        let tenant = match tenants.get(&i.site_id) {
+            Some(t) => Value::clone(t),
+            None => {
+                let t = tenant_of(svc, caller, &i.site_id)?;
+                tenants.insert(i.site_id.clone(), t.clone());
+                t
+            }
+        };
+        listed.push(summary(i, tenant));
+    }
     Ok(json!({
         "caller": caller_json(caller),
         "incidents": listed.len(),

@@ -61,6 +61,10 @@ pub enum Command {
     /// Add, list, show, verify and prune evidence bundles.
     #[command(subcommand)]
     Evidence(EvidenceCommand),
+    /// An auditor's package from `mcp-server export`: check it offline, trusting only
+    /// the keys given (no configuration, no server).
+    #[command(subcommand)]
+    Export(ExportCommand),
     /// The service: react to unit state changes, scan on an interval, heal,
     /// poll orders, deliver evidence, prune; READY/STATUS/WATCHDOG to systemd.
     /// SIGTERM or SIGINT finish current work and exit 0; SIGHUP reloads the
@@ -177,6 +181,27 @@ pub enum ConfigCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ExportCommand {
+    /// Check every file against the signed manifest, every bundle's signature and
+    /// log inclusion proof, each host's chain across the period, and the OSCAL
+    /// document's references. Exit 0 only if nothing is wrong; 1 naming each problem.
+    Verify {
+        /// The export directory.
+        dir: PathBuf,
+        /// The log's key as a box holds it (log.vkey). Default: keys/log.vkey of the
+        /// export itself, which proves less (said in the output).
+        #[arg(long, value_name = "FILE")]
+        log_key: Option<PathBuf>,
+        /// The server's export key (SPKI PEM) as the MSP published it. Default:
+        /// keys/export.pub.pem of the export.
+        #[arg(long, value_name = "PEM")]
+        export_key: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum EvidenceCommand {
     /// Record manual evidence (a restore test done by hand, say); prints the new bundle's id.
     Add {
@@ -265,6 +290,12 @@ pub struct ListFilter {
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Keygen { out, json } => keygen(&out, json),
+        Command::Export(ExportCommand::Verify {
+            dir,
+            log_key,
+            export_key,
+            json,
+        }) => export_verify(&dir, log_key.as_deref(), export_key.as_deref(), json),
         Command::Enroll { server, token } => {
             // The files enrollment writes may not exist yet.
             let config = Config::load_for_enrollment(cli.config.as_deref())?;
@@ -581,6 +612,75 @@ fn orders_poll(config: &Config, json: bool) -> Result<ExitCode> {
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn export_verify(
+    dir: &Path,
+    log_key: Option<&Path>,
+    export_key: Option<&Path>,
+    json: bool,
+) -> Result<ExitCode> {
+    let trusted =
+        crate::audit_export::TrustedKeys {
+            log_key: log_key.map(crate::witness::load_verifier).transpose()?,
+            export_key: match export_key {
+                Some(path) => {
+                    let pem = std::fs::read_to_string(path).map_err(|source| Error::Io {
+                        context: format!("cannot read the export key {}", path.display()),
+                        source,
+                    })?;
+                    Some(VerifyingKey::from_spki_pem(&pem).map_err(|e| {
+                        Error::Usage(format!("the export key {}: {e}", path.display()))
+                    })?)
+                }
+                None => None,
+            },
+        };
+    let report = crate::audit_export::verify(dir, &trusted).map_err(Error::Usage)?;
+    if json {
+        print_json(&report)?;
+    } else {
+        for p in &report.problems {
+            out!("PROBLEM {p}");
+        }
+        for n in &report.notes {
+            out!("NOTE {n}");
+        }
+        for h in &report.hosts {
+            out!(
+                "host {}: {} bundles ({} in the period), seq {}..{}, {} signatures and {} log proofs valid, key {}",
+                h.host_id,
+                h.bundles,
+                h.in_period,
+                h.first_seq.map_or("-".into(), |s| s.to_string()),
+                h.last_seq.map_or("-".into(), |s| s.to_string()),
+                h.signatures_valid,
+                h.proofs_valid,
+                h.key_fingerprint
+            );
+        }
+        out!(
+            "export of site {} from {} to {}: {} files, log tree size {}, export key {}, log key from {}, {} OSCAL observations checked: {}",
+            report.site_id.as_deref().unwrap_or("?"),
+            report.from.map_or("?".into(), |t| t.to_string()),
+            report.to.map_or("?".into(), |t| t.to_string()),
+            report.files,
+            report.tree_size.map_or("?".into(), |s| s.to_string()),
+            report.export_key_fingerprint.as_deref().unwrap_or("?"),
+            report.log_key_source,
+            report.observations_checked,
+            if report.ok() {
+                "OK".to_owned()
+            } else {
+                format!("{} problems", report.problems.len())
+            }
+        );
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn print_json<T: Serialize>(value: &T) -> Result<()> {

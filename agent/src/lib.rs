@@ -14,6 +14,7 @@ macro_rules! out {
 }
 
 pub mod agent;
+pub mod audit_export;
 pub mod baseline;
 pub mod cli;
 pub mod config;

@@ -3,7 +3,7 @@
 
 mod incidents;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 use jiff::{SignedDuration, Timestamp};
@@ -87,6 +87,27 @@ pub enum Command {
         /// A consistency proof as `log consistency` answers it.
         #[arg(long = "consistency", value_name = "FILE")]
         consistencies: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// An auditor's package for one site and period: every bundle, key, log proof and
+    /// report, the OSCAL assessment results, a README with the commands that check it
+    /// (`compliance-agent export verify DIR`), and a signed manifest.
+    Export {
+        #[arg(long)]
+        site: String,
+        /// Start of the period: a date (midnight UTC) or an RFC 3339 time.
+        #[arg(long, value_name = "DATE")]
+        from: String,
+        /// End of the period (exclusive), likewise.
+        #[arg(long, value_name = "DATE")]
+        to: String,
+        /// A new directory for the export.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Export as the operator whose token is in FILE (an auditor, say), in its scope.
+        #[arg(long, value_name = "FILE")]
+        as_token: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -626,24 +647,7 @@ pub fn run(cli: Cli) -> Result<()> {
             json,
         }) => {
             let approver = match as_token {
-                Some(path) => {
-                    let token = std::fs::read_to_string(&path).map_err(Error::io(&path))?;
-                    let op = svc
-                        .store
-                        .operator_by_token(&token_hash(token.trim()))?
-                        .ok_or_else(|| {
-                            Error::Invalid(format!(
-                                "{}: the operator token is not valid",
-                                path.display()
-                            ))
-                        })?;
-                    Caller {
-                        actor: format!("operator:{}", op.name),
-                        role: op.role,
-                        tenants: op.tenants,
-                        peer: None,
-                    }
-                }
+                Some(path) => token_caller(&svc, &path)?,
                 None => caller,
             };
             let o = crate::orders::approve(&svc, &approver, &order_id)?;
@@ -729,6 +733,48 @@ pub fn run(cli: Cli) -> Result<()> {
             incidents::site_mode(&svc, &caller, &site, mode.as_deref(), json)?;
         }
         Command::Verify { .. } => unreachable!("handled before the state is opened"),
+        Command::Export {
+            site,
+            from,
+            to,
+            out,
+            as_token,
+            json,
+        } => {
+            let caller = match as_token {
+                Some(path) => token_caller(&svc, &path)?,
+                None => caller,
+            };
+            let req = crate::export::ExportRequest {
+                site_id: site,
+                from: parse_when("--from", &from)?,
+                to: parse_when("--to", &to)?,
+                out,
+            };
+            let s = crate::export::export(&svc, &caller, &req)?;
+            if json {
+                print_json(&json!(s));
+            } else {
+                for p in &s.problems {
+                    println!("PROBLEM {p}");
+                }
+                println!(
+                    "exported site {} to {}: {} hosts, {} bundles ({} in the period), {} files, log tree size {}, manifest signed by {}",
+                    s.site_id,
+                    s.out.display(),
+                    s.hosts,
+                    s.bundles,
+                    s.in_period,
+                    s.files,
+                    s.tree_size,
+                    s.export_key_fingerprint
+                );
+                println!(
+                    "check it: compliance-agent export verify {} --log-key LOG_VKEY (see its README.md)",
+                    s.out.display()
+                );
+            }
+        }
         Command::Log(cmd) => log_command(&svc, &caller, cmd)?,
         Command::Audit { limit, json } => {
             let entries = svc.store.audit(&caller, limit)?;
@@ -745,6 +791,42 @@ pub fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The operator whose API token is in `path`, as a caller (scope and role its own).
+fn token_caller(svc: &Services, path: &Path) -> Result<Caller> {
+    let token = std::fs::read_to_string(path).map_err(Error::io(path))?;
+    let op = svc
+        .store
+        .operator_by_token(&token_hash(token.trim()))?
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: the operator token is not valid",
+                path.display()
+            ))
+        })?;
+    Ok(Caller {
+        actor: format!("operator:{}", op.name),
+        role: op.role,
+        tenants: op.tenants,
+        peer: None,
+    })
+}
+
+/// A date (midnight UTC) or an RFC 3339 time.
+fn parse_when(flag: &str, text: &str) -> Result<Timestamp> {
+    if let Ok(t) = text.parse::<Timestamp>() {
+        return Ok(t);
+    }
+    text.parse::<jiff::civil::Date>()
+        .ok()
+        .and_then(|d| d.to_zoned(jiff::tz::TimeZone::UTC).ok())
+        .map(|z| z.timestamp())
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "{flag} {text:?} is neither a date (2026-11-01) nor an RFC 3339 time (2026-11-01T00:00:00Z)"
+            ))
+        })
 }
 
 fn log_command(svc: &Services, caller: &Caller, cmd: LogCommand) -> Result<()> {

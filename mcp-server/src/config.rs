@@ -473,6 +473,11 @@ pub struct Config {
     /// written to `<state_dir>/log.vkey`.
     #[serde(default)]
     pub log_key_file: Option<PathBuf>,
+    /// The Ed25519 key that signs auditor exports' manifests (PKCS#8 PEM), separate from
+    /// the order and log keys; default `<state_dir>/export-signing.key` (made on first
+    /// export). Its public key is written to `<state_dir>/export-signing.pub.pem`.
+    #[serde(default)]
+    pub export_key_file: Option<PathBuf>,
     /// The log's name on its checkpoints (and its key's name); default
     /// `<first of server_names>/compliance-log`.
     #[serde(default)]
@@ -528,6 +533,7 @@ fn unreachable_default() -> Config {
         ca_dir: None,
         order_key_file: None,
         log_key_file: None,
+        export_key_file: None,
         log_origin: None,
         admin_token_file: None,
         agent_api_key_file: None,
@@ -553,6 +559,8 @@ pub struct Paths {
     pub order_pubkey: PathBuf,
     pub log_key: PathBuf,
     pub log_vkey: PathBuf,
+    pub export_key: PathBuf,
+    pub export_pubkey: PathBuf,
     pub admin_token: PathBuf,
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
@@ -721,6 +729,11 @@ impl Config {
             // In state_dir, not beside the key: the key may be a read-only credential.
             log_vkey: s.join("log.vkey"),
             log_key,
+            export_key: self
+                .export_key_file
+                .clone()
+                .unwrap_or_else(|| s.join("export-signing.key")),
+            export_pubkey: s.join("export-signing.pub.pem"),
             database,
             archive_dir: self
                 .archive_dir

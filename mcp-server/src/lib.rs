@@ -15,6 +15,7 @@ pub mod config;
 pub mod console;
 pub mod enroll;
 pub mod executor;
+pub mod export;
 pub mod fleet;
 pub mod incidents;
 pub mod intake;

@@ -623,30 +623,6 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
 }
 
-/// The agent's binary, built from this workspace.
-fn agent_binary() -> PathBuf {
-    let bin = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent()?.parent().map(|d| d.join("compliance-agent")))
-        .expect("the test's target directory");
-    if !bin.exists() {
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args([
-                "build",
-                "-p",
-                "compliance-agent",
-                "--bin",
-                "compliance-agent",
-            ])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "cargo build -p compliance-agent failed");
-    }
-    assert!(bin.exists(), "{} after building it", bin.display());
-    bin
-}
-
 async fn wait_for_text(
     driver: &thirtyfour::WebDriver,
     needle: &str,
@@ -794,7 +770,7 @@ fn the_console_in_chromium() -> TestResult {
             let pubkey = evidence.path().join("ws-1.pub.pem");
             std::fs::write(&pubkey, &key)?;
             let verify = |root: &Path| -> Result<serde_json::Value, Box<dyn std::error::Error>> {
-                let out = Command::new(agent_binary())
+                let out = Command::new(common::agent_binary())
                     .args(["evidence", "verify", "--json", "--dir"])
                     .arg(root)
                     .arg("--pubkey")

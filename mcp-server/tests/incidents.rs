@@ -29,21 +29,6 @@ fn admin() -> Caller {
     Caller::local("test")
 }
 
-/// The agent binary the workspace builds (`cargo build -p compliance-agent`; tests/run
-/// builds the whole workspace before the tests).
-fn agent_bin() -> PathBuf {
-    let bin = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent()?.parent().map(|d| d.join("compliance-agent")))
-        .unwrap_or_default();
-    assert!(
-        bin.exists(),
-        "{} is missing: build the agent first with `cargo build -p compliance-agent` (tests/run builds the workspace)",
-        bin.display()
-    );
-    bin
-}
-
 /// A box driven through the real `compliance-agent` binary: its own key, evidence store,
 /// upload queue and the mTLS files its `enroll` wrote.
 struct AgentBox {
@@ -127,7 +112,7 @@ impl AgentBox {
 }
 
 fn run_agent(config: Option<&Path>, args: &[&str]) -> Output {
-    let mut cmd = std::process::Command::new(agent_bin());
+    let mut cmd = std::process::Command::new(common::agent_binary());
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
     }

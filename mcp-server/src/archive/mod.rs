@@ -32,6 +32,17 @@ pub struct ArchiveKey {
 }
 
 impl ArchiveKey {
+    /// Where `record`, a bundle of `host`, was archived.
+    pub fn of(host: &crate::store::Host, record: &crate::store::BundleRecord) -> Self {
+        Self {
+            reseller_id: host.reseller_id.clone(),
+            site_id: record.site_id.clone(),
+            host_id: record.host_id.clone(),
+            seq: record.seq,
+            bundle_id: record.bundle_id.clone(),
+        }
+    }
+
     /// `RESELLER/SITE/HOST/SEQ(20 digits)-BUNDLE_ID`, so a listing sorts by seq.
     pub fn prefix(&self) -> String {
         format!(

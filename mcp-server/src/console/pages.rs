@@ -430,20 +430,10 @@ struct Checked {
     hash_ok: bool,
 }
 
-fn archive_key(host: &Host, r: &BundleRecord) -> ArchiveKey {
-    ArchiveKey {
-        reseller_id: host.reseller_id.clone(),
-        site_id: r.site_id.clone(),
-        host_id: r.host_id.clone(),
-        seq: r.seq,
-        bundle_id: r.bundle_id.clone(),
-    }
-}
-
 /// Reads a bundle from the archive and verifies it against the host's enrolled key and
 /// the hash the index holds.
 fn check_bundle(svc: &crate::Services, host: &Host, r: &BundleRecord) -> Checked {
-    let archived = match svc.archive.get(&archive_key(host, r)) {
+    let archived = match svc.archive.get(&ArchiveKey::of(host, r)) {
         Ok(Some(a)) => a,
         Ok(None) => {
             return Checked {
@@ -977,7 +967,7 @@ pub async fn bundle_file(
             };
             let archived = svc
                 .archive
-                .get(&archive_key(&h, &r))
+                .get(&ArchiveKey::of(&h, &r))
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| format!("bundle {id} is indexed but missing from the archive"))?;
             crate::audit::record(

@@ -118,13 +118,7 @@ fn verify_record(
     next: Option<&StoredLink>,
 ) -> Result<(Verification, Option<Vec<u8>>), ToolError> {
     let mut problems = Vec::new();
-    let archive_key = ArchiveKey {
-        reseller_id: host.reseller_id.clone(),
-        site_id: record.site_id.clone(),
-        host_id: record.host_id.clone(),
-        seq: record.seq,
-        bundle_id: record.bundle_id.clone(),
-    };
+    let archive_key = ArchiveKey::of(host, record);
     let archived = svc
         .archive
         .get(&archive_key)

@@ -257,3 +257,28 @@ pub fn upload(agent: &ureq::Agent, url: &str, json: &[u8], sig: &[u8]) -> (u16, 
 pub fn state_dir(server: &TestServer) -> PathBuf {
     server.dir.path().join("state")
 }
+
+/// The agent's binary, built from this workspace.
+pub fn agent_binary() -> PathBuf {
+    let bin = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent()?.parent().map(|d| d.join("compliance-agent")))
+        .expect("the test's target directory");
+    if !bin.exists() {
+        let status =
+            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args([
+                    "build",
+                    "-p",
+                    "compliance-agent",
+                    "--bin",
+                    "compliance-agent",
+                ])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("run cargo build");
+        assert!(status.success(), "cargo build -p compliance-agent failed");
+    }
+    assert!(bin.exists(), "{} after building it", bin.display());
+    bin
+}

@@ -421,8 +421,57 @@ impl McpClient {
                 ),
             });
         }
+        self.upload_sbom(dir, &json, &bundle_id)?;
         Ok(ack)
     }
+
+    /// After an sbom bundle is acknowledged, its document (sbom.cdx.json beside it):
+    /// `PUT .../bundles/ID/sbom`. The row stays queued until this succeeds too; sent
+    /// again, the bundle is a duplicate and the document replaces nothing newer.
+    fn upload_sbom(&self, dir: &Path, json: &[u8], bundle_id: &str) -> Result<()> {
+        let bundle: crate::evidence::Bundle =
+            serde_json::from_slice(json).map_err(|e| McpError::Bundle {
+                dir: dir.to_owned(),
+                reason: format!("{BUNDLE_FILE} is not a bundle ({e})"),
+            })?;
+        let name = match crate::sbom::document_name(&bundle) {
+            Ok(Some(name)) => name,
+            Ok(None) => return Ok(()),
+            Err(reason) => {
+                return Err(McpError::Bundle {
+                    dir: dir.to_owned(),
+                    reason,
+                });
+            }
+        };
+        let document = std::fs::read(dir.join(name)).map_err(|e| McpError::Bundle {
+            dir: dir.to_owned(),
+            reason: format!("{name} cannot be read: {e}"),
+        })?;
+        let url = self.url(&format!("{}/bundles/{bundle_id}/sbom", self.host_path()));
+        let ack: SbomAck = self.answer(
+            &url,
+            self.authorize(self.agent.put(&url))
+                .header("Content-Type", "application/vnd.cyclonedx+json")
+                .send(&document[..]),
+        )?;
+        if ack.bundle_id != bundle_id {
+            return Err(McpError::Protocol {
+                url,
+                reason: format!(
+                    "acknowledged the SBOM of bundle {} instead of {bundle_id}",
+                    ack.bundle_id
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The answer to an SBOM upload.
+#[derive(Clone, Debug, Deserialize)]
+struct SbomAck {
+    bundle_id: String,
 }
 
 /// The answer to a log request: ready, or not yet (the server has not sequenced it).

@@ -598,14 +598,20 @@ pub fn verify_document(
     bundle_dir: &Path,
     bundle: &crate::evidence::Bundle,
 ) -> Result<Option<String>, String> {
+    if document_name(bundle)?.is_none() {
+        return Ok(None);
+    }
+    let bytes = std::fs::read(bundle_dir.join(SBOM_FILE))
+        .map_err(|e| format!("{SBOM_FILE} cannot be read: {e}"))?;
+    check_document(bundle, &bytes).map(Some)
+}
+
+/// The document a (signature-checked) bundle names: `Some(SBOM_FILE)` for a
+/// successful sbom bundle, None for any other bundle.
+pub fn document_name(bundle: &crate::evidence::Bundle) -> Result<Option<&'static str>, String> {
     if bundle.check != Check::Sbom || bundle.outcome != Outcome::Success {
         return Ok(None);
     }
-    let expected = bundle
-        .post_state
-        .get("sha256")
-        .and_then(Value::as_str)
-        .ok_or("the sbom bundle's post_state names no sha256")?;
     let name = bundle
         .post_state
         .get("document")
@@ -616,15 +622,30 @@ pub fn verify_document(
             "the sbom bundle names document {name:?}, not {SBOM_FILE}"
         ));
     }
-    let bytes = std::fs::read(bundle_dir.join(SBOM_FILE))
-        .map_err(|e| format!("{SBOM_FILE} cannot be read: {e}"))?;
-    let got = sha256_hex(&bytes);
+    Ok(Some(SBOM_FILE))
+}
+
+/// Checks that `bytes` are the document a successful sbom bundle names by SHA-256;
+/// answers that SHA-256 (hex).
+pub fn check_document(bundle: &crate::evidence::Bundle, bytes: &[u8]) -> Result<String, String> {
+    if document_name(bundle)?.is_none() {
+        return Err(format!(
+            "bundle {} is a {} {} bundle, which names no SBOM document",
+            bundle.bundle_id, bundle.outcome, bundle.check
+        ));
+    }
+    let expected = bundle
+        .post_state
+        .get("sha256")
+        .and_then(Value::as_str)
+        .ok_or("the sbom bundle's post_state names no sha256")?;
+    let got = sha256_hex(bytes);
     if got != expected {
         return Err(format!(
             "{SBOM_FILE} hashes to {got}, but the signed bundle names {expected}: the document was changed"
         ));
     }
-    Ok(Some(got))
+    Ok(got)
 }
 
 #[cfg(test)]

@@ -111,12 +111,38 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The latest SBOM of each host: which hosts run a package or a store path.
+    #[command(subcommand)]
+    Sbom(SbomCommand),
     /// The audit log, newest first.
     Audit {
         #[arg(long, default_value_t = 50)]
         limit: u32,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SbomCommand {
+    /// The hosts whose latest SBOM holds a package (at a version) or a store path.
+    Hosts {
+        /// A package name as the SBOM names its component (`openssl`).
+        #[arg(long, conflicts_with = "path")]
+        package: Option<String>,
+        /// Only this version of the package.
+        #[arg(long, requires = "package")]
+        version: Option<String>,
+        /// A full Nix store path.
+        #[arg(long)]
+        path: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A host's latest SBOM document (CycloneDX JSON) on stdout.
+    Show {
+        /// SITE/HOST
+        host: String,
     },
 }
 
@@ -733,6 +759,44 @@ pub fn run(cli: Cli) -> Result<()> {
             incidents::site_mode(&svc, &caller, &site, mode.as_deref(), json)?;
         }
         Command::Verify { .. } => unreachable!("handled before the state is opened"),
+        Command::Sbom(SbomCommand::Hosts {
+            package,
+            version,
+            path,
+            json,
+        }) => {
+            let q = crate::store::sbom::SbomQuery {
+                package,
+                version,
+                store_path: path,
+            };
+            let found = svc.store.sbom_hosts(&caller, &q)?;
+            if json {
+                print_json(&json!({ "hosts": found }));
+            } else {
+                for m in found {
+                    println!(
+                        "{}/{}\t{}\t{}\t{}",
+                        m.site_id,
+                        m.host_id,
+                        m.component.name,
+                        m.component.version.as_deref().unwrap_or("-"),
+                        m.component.store_path
+                    );
+                }
+            }
+        }
+        Command::Sbom(SbomCommand::Show { host }) => {
+            let (site, host_id) = split_host(&host)?;
+            let found = svc
+                .store
+                .latest_sbom(&caller, &site, &host_id)?
+                .ok_or_else(|| Error::Invalid(format!("no SBOM from {host} yet")))?;
+            use std::io::Write as _;
+            std::io::stdout()
+                .write_all(&found.document)
+                .map_err(|e| Error::Invalid(format!("stdout: {e}")))?;
+        }
         Command::Export {
             site,
             from,

@@ -63,6 +63,9 @@ pub struct Limits {
     /// Request bodies (the protocol's limit: 1 MiB).
     #[serde(default = "Limits::d_body")]
     pub max_body_bytes: usize,
+    /// An SBOM document a box delivers beside its sbom bundle (PUT .../sbom).
+    #[serde(default = "Limits::d_sbom")]
+    pub max_sbom_bytes: usize,
 }
 
 impl Limits {
@@ -84,6 +87,9 @@ impl Limits {
     fn d_body() -> usize {
         1024 * 1024
     }
+    fn d_sbom() -> usize {
+        32 * 1024 * 1024
+    }
 }
 
 impl Default for Limits {
@@ -95,6 +101,7 @@ impl Default for Limits {
             max_connections_per_peer: Self::d_per_peer(),
             max_connections: Self::d_total(),
             max_body_bytes: Self::d_body(),
+            max_sbom_bytes: Self::d_sbom(),
         }
     }
 }
@@ -645,6 +652,12 @@ impl Config {
         }
         if l.max_body_bytes < 4096 {
             problems.push("limits.max_body_bytes must be at least 4096".into());
+        }
+        if !(4096..=compliance_agent::evidence::Attachment::MAX_BYTES).contains(&l.max_sbom_bytes) {
+            problems.push(format!(
+                "limits.max_sbom_bytes must be from 4096 to {} (the largest attachment a box writes)",
+                compliance_agent::evidence::Attachment::MAX_BYTES
+            ));
         }
         let o = &self.orders;
         if o.ttl_min_sec < compliance_agent::orders::MIN_TTL_SEC

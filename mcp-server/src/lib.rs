@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod orders;
 pub mod pki;
 pub mod planner;
+pub mod sbom;
 pub mod server;
 pub mod services;
 pub mod store;

@@ -28,6 +28,8 @@ const OPERATOR_ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/incidents/{incident_id}/execute"),
     ("get", "/api/v1/ops/sites/{site}/executor"),
     ("put", "/api/v1/ops/sites/{site}/executor"),
+    ("get", "/api/v1/ops/sbom/hosts"),
+    ("get", "/api/v1/ops/hosts/{site}/{host}/sbom"),
 ];
 
 fn operations(doc: &Value) -> Vec<(String, String)> {

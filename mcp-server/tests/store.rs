@@ -21,6 +21,8 @@ use support::postgres::TestPostgres;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
+use mcp_server::store::sbom::{SbomComponent, SbomQuery, SbomRecord};
+
 fn site(id: &str, reseller: Option<&str>) -> Site {
     Site {
         site_id: id.into(),
@@ -910,8 +912,168 @@ macro_rules! conformance {
                 let (_guard, store) = $make;
                 super::evidence_listing_and_counts_are_scoped_and_filtered(&*store)
             }
+            #[test]
+            fn the_latest_sbom_is_kept_indexed_and_scoped() -> TestResult {
+                let (_guard, store) = $make;
+                super::the_latest_sbom_is_kept_indexed_and_scoped(&*store)
+            }
         }
     };
+}
+
+fn sbom_record(site: &str, host: &str, seq: u64) -> SbomRecord {
+    SbomRecord {
+        site_id: site.into(),
+        host_id: host.into(),
+        bundle_id: format!("sbom-{site}-{host}-{seq}"),
+        seq,
+        sha256: format!("{seq:064}"),
+        components: 0,
+        received_at: Timestamp::now(),
+        document: format!("{{\"seq\": {seq}}}").into_bytes(),
+    }
+}
+
+fn component(name: &str, version: Option<&str>) -> SbomComponent {
+    SbomComponent {
+        name: name.into(),
+        version: version.map(str::to_owned),
+        store_path: match version {
+            Some(v) => format!("/nix/store/{}-{name}-{v}", "a".repeat(32)),
+            None => format!("/nix/store/{}-{name}", "b".repeat(32)),
+        },
+    }
+}
+
+/// Invariant: a host's latest SBOM (by seq) replaces the one before it, never the other
+/// way round; its components answer package, version and store-path queries; and only
+/// hosts among the caller's tenants are answered or shown.
+fn the_latest_sbom_is_kept_indexed_and_scoped(store: &dyn Store) -> TestResult {
+    let a = admin();
+    store.put_site(&a, &site("s1", Some("r1")))?;
+    store.put_site(&a, &site("s2", Some("r2")))?;
+    for (s, h) in [("s1", "h1"), ("s1", "h2"), ("s2", "h3")] {
+        store.add_host(&a, &host(s, h))?;
+    }
+    let old_ssl = component("openssl", Some("3.0.12"));
+    let new_ssl = component("openssl", Some("3.0.13"));
+    let glibc = component("glibc", Some("2.40"));
+    assert!(store.put_sbom(
+        &a,
+        &sbom_record("s1", "h1", 5),
+        &[old_ssl.clone(), glibc.clone()]
+    )?);
+    assert!(store.put_sbom(
+        &a,
+        &sbom_record("s1", "h2", 3),
+        std::slice::from_ref(&new_ssl)
+    )?);
+    assert!(store.put_sbom(
+        &a,
+        &sbom_record("s2", "h3", 9),
+        std::slice::from_ref(&old_ssl)
+    )?);
+    // h1 upgrades; then the old SBOM arrives late and is kept out.
+    assert!(store.put_sbom(
+        &a,
+        &sbom_record("s1", "h1", 7),
+        &[new_ssl.clone(), glibc.clone()]
+    )?);
+    assert!(!store.put_sbom(
+        &a,
+        &sbom_record("s1", "h1", 5),
+        std::slice::from_ref(&old_ssl)
+    )?);
+    let latest = store.latest_sbom(&a, "s1", "h1")?.ok_or("h1's sbom")?;
+    assert_eq!(
+        (latest.seq, latest.document.as_slice()),
+        (7, &b"{\"seq\": 7}"[..])
+    );
+
+    let hosts = |c: &Caller, q: SbomQuery| -> Result<Vec<String>, Box<dyn std::error::Error>> {
+        Ok(store
+            .sbom_hosts(c, &q)?
+            .into_iter()
+            .map(|m| format!("{}/{}", m.site_id, m.host_id))
+            .collect())
+    };
+    let package = |p: &str, v: Option<&str>| SbomQuery {
+        package: Some(p.into()),
+        version: v.map(str::to_owned),
+        store_path: None,
+    };
+    assert_eq!(
+        hosts(&a, package("openssl", None))?,
+        ["s1/h1", "s1/h2", "s2/h3"]
+    );
+    assert_eq!(
+        hosts(&a, package("openssl", Some("3.0.12")))?,
+        ["s2/h3"],
+        "h1 no longer runs 3.0.12"
+    );
+    assert_eq!(hosts(&a, package("glibc", None))?, ["s1/h1"]);
+    let by_path = SbomQuery {
+        store_path: Some(new_ssl.store_path.clone()),
+        ..SbomQuery::default()
+    };
+    assert_eq!(hosts(&a, by_path.clone())?, ["s1/h1", "s1/h2"]);
+
+    let r2 = scoped(
+        Tenants::Reseller {
+            reseller_id: "r2".into(),
+        },
+        Role::ResellerOperator,
+    );
+    assert_eq!(hosts(&r2, package("openssl", None))?, ["s2/h3"]);
+    assert!(hosts(&r2, by_path)?.is_empty());
+    assert!(
+        store.latest_sbom(&r2, "s1", "h1").is_err(),
+        "another reseller's host is not found"
+    );
+    let auditor = scoped(
+        Tenants::Sites {
+            site_ids: vec!["s1".into()],
+        },
+        Role::Auditor,
+    );
+    assert_eq!(
+        hosts(&auditor, package("openssl", None))?,
+        ["s1/h1", "s1/h2"]
+    );
+    assert!(
+        store
+            .put_sbom(&auditor, &sbom_record("s1", "h1", 8), &[])
+            .is_err(),
+        "an auditor writes nothing"
+    );
+    let box_h2 = scoped(
+        Tenants::Host {
+            site_id: "s1".into(),
+            host_id: "h2".into(),
+        },
+        Role::Host,
+    );
+    assert!(
+        store
+            .put_sbom(&box_h2, &sbom_record("s1", "h1", 8), &[])
+            .is_err(),
+        "a host cannot write another host's SBOM"
+    );
+    for bad in [
+        SbomQuery::default(),
+        SbomQuery {
+            package: Some("openssl".into()),
+            store_path: Some("/nix/store/x".into()),
+            version: None,
+        },
+        SbomQuery {
+            store_path: Some("/etc/passwd".into()),
+            ..SbomQuery::default()
+        },
+    ] {
+        assert!(store.sbom_hosts(&a, &bad).is_err(), "{bad:?} is refused");
+    }
+    Ok(())
 }
 
 fn sqlite() -> (tempfile::TempDir, Box<dyn Store>) {

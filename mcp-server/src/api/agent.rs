@@ -57,6 +57,12 @@ pub fn router(state: AgentState, intercept: Option<Intercept>) -> Router {
             "/api/v1/hosts/{site}/{host}/orders/{order_id}/result",
             post(result),
         )
+        .route(
+            "/api/v1/hosts/{site}/{host}/bundles/{bundle_id}/sbom",
+            axum::routing::put(sbom).layer(DefaultBodyLimit::max(
+                state.svc.config.limits.max_sbom_bytes,
+            )),
+        )
         .route("/api/v1/log/checkpoint", get(super::log::agent_checkpoint))
         .route("/api/v1/log/inclusion", get(super::log::agent_inclusion))
         .route(
@@ -373,6 +379,45 @@ async fn evidence(
     let (caller, host) = identify(&state, &info, &headers, "evidence.upload").await?;
     let (json, sig) = parts(multipart).await?;
     upload(state, caller, host, json, sig, None).await
+}
+
+/// The document of an sbom bundle the host delivered (sbom.cdx.json, raw JSON).
+async fn sbom(
+    State(state): State<AgentState>,
+    Extension(info): Extension<ConnInfo>,
+    headers: HeaderMap,
+    Path((site, host_id, bundle_id)): Path<(String, String, String)>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let (caller, host) = identify(&state, &info, &headers, "sbom.upload").await?;
+    require_self(&state, &caller, &host, &site, &host_id, "sbom.upload").await?;
+    let body = body.map_err(|e| {
+        ApiError::new(
+            if e.status().as_u16() == 413 { 413 } else { 422 },
+            format!("the SBOM document: {}", e.body_text()),
+        )
+    })?;
+    let svc = state.svc.clone();
+    let result = blocking(move || {
+        let r = crate::sbom::receive(&svc, &caller, &host, &bundle_id, &body);
+        if let Err(e) = &r
+            && e.status() != 503
+        {
+            crate::audit::record(
+                &*svc.store,
+                &caller,
+                "sbom.upload",
+                &format!("{}/{}/{bundle_id}", host.site_id, host.host_id),
+                Some(&e.to_string()),
+            );
+        }
+        r
+    })
+    .await?;
+    match result {
+        Ok(receipt) => Ok(Json(json!(receipt))),
+        Err(e) => Err(ApiError::new(e.status(), e.to_string())),
+    }
 }
 
 async fn result(

@@ -6,6 +6,7 @@ pub mod listener;
 pub mod log;
 pub mod mcp;
 pub mod ops;
+pub mod sbom;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};

@@ -75,6 +75,7 @@ fn documented() -> OpenApiRouter<Services> {
         .routes(routes!(super::log::ops_consistency))
         .routes(routes!(openapi_json))
         .merge(super::incidents::routes())
+        .merge(super::sbom::routes())
 }
 
 /// The operator API's OpenAPI document, as generated from the routes.

@@ -6,6 +6,7 @@ pub mod console;
 pub mod evidence_query;
 pub mod incidents;
 pub mod postgres;
+pub mod sbom;
 pub mod sqlite;
 pub mod tlog;
 
@@ -242,6 +243,7 @@ pub trait Store:
     console::ConsoleStore
     + evidence_query::EvidenceQuery
     + incidents::IncidentStore
+    + sbom::SbomStore
     + tlog::LogStore
     + Send
     + Sync

@@ -36,6 +36,7 @@ use super::{
 };
 use crate::auth::{Caller, Role, Tenants, hashes_equal};
 
+mod sbom;
 mod tlog;
 
 /// The migrations, in order. Append only: a released file is never edited (the
@@ -60,6 +61,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         4,
         "console",
         include_str!("../../migrations/postgres/0004_console.sql"),
+    ),
+    (
+        5,
+        "sbom",
+        include_str!("../../migrations/postgres/0005_sbom.sql"),
     ),
 ];
 

@@ -22,6 +22,7 @@ use super::{
 };
 use crate::auth::{Caller, Role, Tenants, hashes_equal};
 
+mod sbom;
 mod tlog;
 
 /// The migrations, in order. Append only: a released file is never edited (the
@@ -46,6 +47,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         4,
         "console",
         include_str!("../../migrations/sqlite/0004_console.sql"),
+    ),
+    (
+        5,
+        "sbom",
+        include_str!("../../migrations/sqlite/0005_sbom.sql"),
     ),
 ];
 
@@ -74,6 +80,42 @@ struct WaitingRecord {
 }
 
 /// A read connection from the pool, returned to it on drop.
+/// Statements through each connection's prepared-statement cache: intake runs the same
+/// few statements for every bundle, and parsing them again each time was a tenth of
+/// the server's CPU.
+pub(crate) trait Cached {
+    fn cached_row<T, P: rusqlite::Params, F: FnOnce(&Row<'_>) -> rusqlite::Result<T>>(
+        &self,
+        sql: &str,
+        params: P,
+        f: F,
+    ) -> rusqlite::Result<T>;
+    fn cached_exec<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize>;
+}
+
+impl Cached for Connection {
+    fn cached_row<T, P: rusqlite::Params, F: FnOnce(&Row<'_>) -> rusqlite::Result<T>>(
+        &self,
+        sql: &str,
+        params: P,
+        f: F,
+    ) -> rusqlite::Result<T> {
+        self.prepare_cached(sql)?.query_row(params, f)
+    }
+
+    fn cached_exec<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
+        self.prepare_cached(sql)?.execute(params)
+    }
+}
+
+/// Settings every connection gets: the statement cache's size, and reads through mmap
+/// (no copy of each page read into the process).
+fn tune(conn: &Connection) -> Result<()> {
+    conn.set_prepared_statement_cache_capacity(128);
+    conn.pragma_update(None, "mmap_size", 256i64 << 20)
+        .map_err(db)
+}
+
 struct Reader<'a> {
     store: &'a SqliteStore,
     conn: Option<Connection>,
@@ -239,7 +281,7 @@ fn link_at(conn: &Connection, site: &str, host: &str, seq: u64) -> Result<Option
     let Ok(seq_i) = i64::try_from(seq) else {
         return Ok(None);
     };
-    conn.query_row(
+    conn.cached_row(
         "SELECT bundle_id, seq, hash, prev_hash FROM bundles WHERE site_id = ?1 AND host_id = ?2 AND seq = ?3",
         params![site, host, seq_i],
         |r| {
@@ -288,6 +330,7 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(db)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
+        tune(&conn)?;
         let store = Self {
             conn: Mutex::new(conn),
             path: path.to_owned(),
@@ -324,6 +367,7 @@ impl SqliteStore {
                 })?;
                 c.busy_timeout(std::time::Duration::from_secs(10))
                     .map_err(db)?;
+                tune(&c)?;
                 c
             }
         };
@@ -385,7 +429,7 @@ impl SqliteStore {
     ) -> Result<Recorded> {
         self.visible_host(tx, caller, &record.site_id, &record.host_id)?;
         let existing: Option<(String, String, String)> = tx
-            .query_row(
+            .cached_row(
                 "SELECT hash, site_id, host_id FROM bundles WHERE bundle_id = ?1",
                 params![record.bundle_id],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
@@ -409,7 +453,7 @@ impl SqliteStore {
                     n.same_seq.as_ref(),
                     n.next.as_ref(),
                 )?;
-                tx.execute(
+                tx.cached_exec(
                     &format!("INSERT INTO bundles ({BUNDLE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
                     params![
                         record.bundle_id, record.site_id, record.host_id, seq_sql(record.seq)?,
@@ -418,7 +462,7 @@ impl SqliteStore {
                     ],
                 )
                 .map_err(db)?;
-                tx.execute(
+                tx.cached_exec(
                     "INSERT INTO latest_results (site_id, host_id, check_name, outcome, bundle_id, timestamp_end) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                      ON CONFLICT (site_id, host_id, check_name) DO UPDATE SET outcome = excluded.outcome, bundle_id = excluded.bundle_id, timestamp_end = excluded.timestamp_end
                      WHERE excluded.timestamp_end >= latest_results.timestamp_end",
@@ -428,13 +472,13 @@ impl SqliteStore {
                 Recorded::Stored
             }
         };
-        tx.execute(
+        tx.cached_exec(
             "UPDATE hosts SET last_seen = MAX(COALESCE(last_seen, 0), ?3) WHERE site_id = ?1 AND host_id = ?2",
             params![record.site_id, record.host_id, micros(record.received_at)],
         )
         .map_err(db)?;
         if let Some(order_id) = result_for {
-            tx.execute(
+            tx.cached_exec(
                 "UPDATE orders SET state = 'answered', result_bundle_id = ?4, result_outcome = ?5, result_error = ?6, answered_at = ?7
                  WHERE order_id = ?1 AND site_id = ?2 AND host_id = ?3 AND state != 'answered'",
                 params![order_id, record.site_id, record.host_id, record.bundle_id, record.outcome, error, micros(record.received_at)],
@@ -484,7 +528,7 @@ impl SqliteStore {
             }
             tx.execute_batch(sql)
                 .map_err(|e| StoreError::Schema(format!("migration {version} ({name}): {e}")))?;
-            tx.execute(
+            tx.cached_exec(
                 "INSERT INTO schema_migrations (version, name, sha256, applied_at) VALUES (?1, ?2, ?3, ?4)",
                 params![version, name, hex::encode(Sha256::digest(sql.as_bytes())), micros(Timestamp::now())],
             )
@@ -494,7 +538,7 @@ impl SqliteStore {
     }
 
     fn site_in(conn: &Connection, site_id: &str) -> Result<Option<Site>> {
-        conn.query_row(
+        conn.cached_row(
             "SELECT site_id, reseller_id, runbook_allowlist, created_at FROM sites WHERE site_id = ?1",
             params![site_id],
             |r| {
@@ -512,7 +556,7 @@ impl SqliteStore {
     }
 
     fn host_in(conn: &Connection, site_id: &str, host_id: &str) -> Result<Option<Host>> {
-        conn.query_row(
+        conn.cached_row(
             &format!("SELECT {HOST_COLS} FROM hosts h JOIN sites s ON s.site_id = h.site_id WHERE h.site_id = ?1 AND h.host_id = ?2"),
             params![site_id, host_id],
             host_row,
@@ -528,7 +572,7 @@ impl SqliteStore {
                 host.site_id, host.host_id
             )));
         }
-        conn.execute(
+        conn.cached_exec(
             "INSERT INTO hosts (site_id, host_id, evidence_pubkey_pem, cert_serial, enrolled_at, revoked_at, scan_interval_sec, last_seen) VALUES (?1, ?2, ?3, ?4, ?5, NULL, ?6, NULL)",
             params![host.site_id, host.host_id, host.evidence_pubkey_pem, host.cert_serial, micros(host.enrolled_at), host.scan_interval_sec as i64],
         )
@@ -557,7 +601,7 @@ impl Store for SqliteStore {
 
     fn schema_version(&self) -> Result<u32> {
         self.conn()?
-            .query_row(
+            .cached_row(
                 "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
                 [],
                 |r| r.get(0),
@@ -589,7 +633,7 @@ impl Store for SqliteStore {
                 )));
             }
         }
-        conn.execute(
+        conn.cached_exec(
             "INSERT INTO sites (site_id, reseller_id, runbook_allowlist, created_at) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (site_id) DO UPDATE SET runbook_allowlist = excluded.runbook_allowlist",
             params![
@@ -639,7 +683,7 @@ impl Store for SqliteStore {
         let site = Self::site_in(&conn, &token.site_id)?
             .ok_or_else(|| StoreError::NotFound(format!("site {}", token.site_id)))?;
         require_sees(caller, &site, &format!("site {}", token.site_id))?;
-        conn.execute(
+        conn.cached_exec(
             "INSERT INTO enrollment_tokens (secret_hash, token_id, site_id, uses_left, expires_at, created_by, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![&token.secret_hash[..], token.token_id, token.site_id, token.uses_left, micros(token.expires_at), token.created_by, micros(token.created_at)],
         )
@@ -650,7 +694,7 @@ impl Store for SqliteStore {
     fn enrollment_token(&self, secret_hash: &[u8; 32]) -> Result<Option<EnrollmentToken>> {
         let conn = self.reader()?;
         let found = conn
-            .query_row(
+            .cached_row(
                 "SELECT secret_hash, token_id, site_id, uses_left, expires_at, created_by, created_at FROM enrollment_tokens WHERE secret_hash = ?1",
                 params![&secret_hash[..]],
                 |r| {
@@ -681,7 +725,7 @@ impl Store for SqliteStore {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
         let token: Option<(Vec<u8>, String, i64, i64)> = tx
-            .query_row(
+            .cached_row(
                 "SELECT secret_hash, site_id, uses_left, expires_at FROM enrollment_tokens WHERE secret_hash = ?1",
                 params![&secret_hash[..]],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
@@ -708,7 +752,7 @@ impl Store for SqliteStore {
             )));
         }
         Self::insert_host(&tx, host)?;
-        tx.execute(
+        tx.cached_exec(
             "UPDATE enrollment_tokens SET uses_left = uses_left - 1 WHERE secret_hash = ?1",
             params![&secret_hash[..]],
         )
@@ -763,7 +807,7 @@ impl Store for SqliteStore {
         let conn = self.conn()?;
         self.visible_host(&conn, caller, site_id, host_id)?;
         let changed = conn
-            .execute(
+            .cached_exec(
                 "UPDATE hosts SET revoked_at = ?3 WHERE site_id = ?1 AND host_id = ?2 AND revoked_at IS NULL",
                 params![site_id, host_id, micros(at)],
             )
@@ -774,7 +818,7 @@ impl Store for SqliteStore {
     fn bundle(&self, caller: &Caller, bundle_id: &str) -> Result<Option<BundleRecord>> {
         let conn = self.reader()?;
         let record = conn
-            .query_row(
+            .cached_row(
                 &format!("SELECT {BUNDLE_COLS} FROM bundles WHERE bundle_id = ?1"),
                 params![bundle_id],
                 bundle_row,
@@ -897,7 +941,7 @@ impl Store for SqliteStore {
             .map_err(|e| StoreError::Forbidden(e.to_string()))?;
         let conn = self.conn()?;
         self.visible_host(&conn, caller, &order.site_id, &order.host_id)?;
-        conn.execute(
+        conn.cached_exec(
             "INSERT INTO orders (order_id, site_id, host_id, runbook_id, params, ttl, state, envelope, created_by, created_at, approved_by)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
@@ -927,7 +971,7 @@ impl Store for SqliteStore {
             .map_err(|e| StoreError::Forbidden(e.to_string()))?;
         let conn = self.conn()?;
         let changed = conn
-            .execute(
+            .cached_exec(
                 "UPDATE orders SET state = 'pending', envelope = ?2, approved_by = ?3 WHERE order_id = ?1 AND state = 'awaiting_approval'",
                 params![order_id, envelope, approved_by],
             )
@@ -944,7 +988,7 @@ impl Store for SqliteStore {
         let conn = self.reader()?;
         let (clause, mut values) = scope(caller, "o.site_id", "s.reseller_id", "o.host_id");
         values.insert(0, SqlValue::Text(order_id.into()));
-        conn.query_row(
+        conn.cached_row(
             &format!("SELECT {ORDER_COLS} FROM orders o JOIN sites s ON s.site_id = o.site_id WHERE o.order_id = ? AND {clause}"),
             params_from_iter(values),
             order_row,
@@ -1000,7 +1044,7 @@ impl Store for SqliteStore {
     ) -> Result<Option<Timestamp>> {
         let conn = self.conn()?;
         self.visible_host(&conn, caller, site_id, host_id)?;
-        conn.query_row(
+        conn.cached_row(
             "SELECT MAX(created_at) FROM orders WHERE site_id = ?1 AND host_id = ?2 AND runbook_id = ?3",
             params![site_id, host_id, runbook_id],
             |r| r.get::<_, Option<i64>>(0),
@@ -1014,7 +1058,7 @@ impl Store for SqliteStore {
             .require_admin("create operators")
             .map_err(|e| StoreError::Forbidden(e.to_string()))?;
         let conn = self.conn()?;
-        conn.execute(
+        conn.cached_exec(
             "INSERT INTO operators (name, role, tenants, token_hash, created_at, disabled) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
                 operator.name,
@@ -1037,7 +1081,7 @@ impl Store for SqliteStore {
     fn operator_by_token(&self, token_hash: &[u8; 32]) -> Result<Option<Operator>> {
         let conn = self.reader()?;
         let found = conn
-            .query_row(
+            .cached_row(
                 "SELECT name, role, tenants, token_hash, created_at, disabled FROM operators WHERE token_hash = ?1",
                 params![&token_hash[..]],
                 operator_row,
@@ -1063,7 +1107,7 @@ impl Store for SqliteStore {
 
     fn append_audit(&self, entry: &AuditEntry) -> Result<i64> {
         let conn = self.conn()?;
-        conn.execute(
+        conn.cached_exec(
             "INSERT INTO audit (at, actor, peer, action, target, outcome, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![micros(entry.at), entry.actor, entry.peer, entry.action, entry.target, entry.outcome, entry.detail],
         )

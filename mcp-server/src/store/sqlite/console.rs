@@ -4,7 +4,7 @@ use jiff::Timestamp;
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{OptionalExtension, params, params_from_iter};
 
-use super::{BUNDLE_COLS, SqliteStore, bundle_row, db, micros, operator_row, scope, ts};
+use super::{BUNDLE_COLS, Cached, SqliteStore, bundle_row, db, micros, operator_row, scope, ts};
 use crate::auth::{Caller, hashes_equal};
 use crate::store::console::{
     BundleCount, BundleFilter, ConsoleSession, ConsoleStore, TokenListing, may_set_password,
@@ -21,7 +21,7 @@ impl ConsoleStore for SqliteStore {
         expires_at: Timestamp,
     ) -> Result<()> {
         let conn = self.conn()?;
-        conn.execute(
+        conn.cached_exec(
             "INSERT INTO console_sessions (session_hash, operator, csrf_token, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![&session_hash[..], operator, csrf_token, micros(created_at), micros(expires_at)],
         )
@@ -36,7 +36,7 @@ impl ConsoleStore for SqliteStore {
     ) -> Result<Option<ConsoleSession>> {
         let conn = self.conn()?;
         let found = conn
-            .query_row(
+            .cached_row(
                 "SELECT o.name, o.role, o.tenants, o.token_hash, o.created_at, o.disabled, \
                  c.session_hash, c.csrf_token, c.created_at, c.expires_at \
                  FROM console_sessions c JOIN operators o ON o.name = c.operator \
@@ -72,7 +72,7 @@ impl ConsoleStore for SqliteStore {
     fn delete_console_session(&self, session_hash: &[u8; 32]) -> Result<bool> {
         let conn = self.conn()?;
         let n = conn
-            .execute(
+            .cached_exec(
                 "DELETE FROM console_sessions WHERE session_hash = ?1",
                 params![&session_hash[..]],
             )
@@ -83,7 +83,7 @@ impl ConsoleStore for SqliteStore {
     fn purge_console_sessions(&self, now: Timestamp) -> Result<u64> {
         let conn = self.conn()?;
         let n = conn
-            .execute(
+            .cached_exec(
                 "DELETE FROM console_sessions WHERE expires_at <= ?1",
                 params![micros(now)],
             )
@@ -105,7 +105,7 @@ impl ConsoleStore for SqliteStore {
         }
         let conn = self.conn()?;
         let exists: Option<String> = conn
-            .query_row(
+            .cached_row(
                 "SELECT name FROM operators WHERE name = ?1",
                 params![name],
                 |r| r.get(0),
@@ -115,7 +115,7 @@ impl ConsoleStore for SqliteStore {
         if exists.is_none() {
             return Err(StoreError::NotFound(format!("operator {name}")));
         }
-        conn.execute(
+        conn.cached_exec(
             "INSERT INTO operator_passwords (name, phc, set_at) VALUES (?1, ?2, ?3) \
              ON CONFLICT (name) DO UPDATE SET phc = excluded.phc, set_at = excluded.set_at",
             params![name, phc, micros(at)],
@@ -127,7 +127,7 @@ impl ConsoleStore for SqliteStore {
     fn operator_password(&self, name: &str) -> Result<Option<(Operator, String)>> {
         let conn = self.conn()?;
         let found = conn
-            .query_row(
+            .cached_row(
                 "SELECT o.name, o.role, o.tenants, o.token_hash, o.created_at, o.disabled, p.phc \
                  FROM operator_passwords p JOIN operators o ON o.name = p.name WHERE p.name = ?1",
                 params![name],
@@ -177,7 +177,7 @@ impl ConsoleStore for SqliteStore {
             .map_err(|e| StoreError::Forbidden(e.to_string()))?;
         let conn = self.conn()?;
         let site: Option<String> = conn
-            .query_row(
+            .cached_row(
                 "SELECT site_id FROM enrollment_tokens WHERE token_id = ?1",
                 params![token_id],
                 |r| r.get(0),
@@ -192,7 +192,7 @@ impl ConsoleStore for SqliteStore {
         crate::store::require_sees(caller, &site, &what)?;
         // uses_left = 0 as well: the redemption refuses a token without uses.
         let n = conn
-            .execute(
+            .cached_exec(
                 "UPDATE enrollment_tokens SET revoked_at = ?2, uses_left = 0 WHERE token_id = ?1 AND revoked_at IS NULL",
                 params![token_id, micros(at)],
             )

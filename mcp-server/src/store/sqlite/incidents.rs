@@ -5,7 +5,7 @@ use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params, params_from_iter};
 use serde_json::Value;
 
-use super::{SqliteStore, db, micros, scope, ts};
+use super::{Cached, SqliteStore, db, micros, scope, ts};
 use crate::auth::Caller;
 use crate::store::incidents::{
     IncidentEvent, IncidentFilter, IncidentRecord, IncidentState, IncidentStore, Observation,
@@ -65,12 +65,12 @@ fn event_row(r: &Row<'_>) -> rusqlite::Result<IncidentEvent> {
 }
 
 fn insert_event(conn: &Connection, incident_id: &str, e: &IncidentEvent) -> Result<()> {
-    conn.execute(
+    conn.cached_exec(
         "INSERT INTO incident_events (incident_id, at, kind, bundle_id, order_id, actor, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![incident_id, micros(e.at), e.kind, e.bundle_id, e.order_id, e.actor, e.detail],
     )
     .map_err(db)?;
-    conn.execute(
+    conn.cached_exec(
         "UPDATE incidents SET event_count = event_count + 1, updated_at = MAX(updated_at, ?2) WHERE incident_id = ?1",
         params![incident_id, micros(e.at)],
     )
@@ -84,7 +84,7 @@ fn open_of(
     host: &str,
     cause: &str,
 ) -> Result<Option<IncidentRecord>> {
-    conn.query_row(
+    conn.cached_row(
         &format!("SELECT {COLS} FROM incidents i WHERE i.site_id = ?1 AND i.host_id = ?2 AND i.cause = ?3 AND i.state = 'open'"),
         params![site, host, cause],
         incident_row,
@@ -94,7 +94,7 @@ fn open_of(
 }
 
 fn by_id(conn: &Connection, id: &str) -> Result<Option<IncidentRecord>> {
-    conn.query_row(
+    conn.cached_row(
         &format!("SELECT {COLS} FROM incidents i WHERE i.incident_id = ?1"),
         params![id],
         incident_row,
@@ -136,7 +136,7 @@ fn end(
     how: &Resolution,
 ) -> Result<()> {
     let secs = how.at.duration_since(inc.opened_at).as_secs().max(0);
-    conn.execute(
+    conn.cached_exec(
         "UPDATE incidents SET state = ?2, resolved_at = ?3, resolved_by = ?4, resolution = ?5, remediation_sec = ?6, plan_state = 'none', claimed_at = NULL WHERE incident_id = ?1 AND state = 'open'",
         params![inc.incident_id, state.as_str(), micros(how.at), how.by, how.reason, secs],
     )
@@ -166,7 +166,7 @@ impl IncidentStore for SqliteStore {
         self.visible_host(&tx, caller, &obs.site_id, &obs.host_id)?;
         if let Some(bundle) = &obs.bundle_id {
             let seen: Option<i64> = tx
-                .query_row(
+                .cached_row(
                     "SELECT e.id FROM incident_events e JOIN incidents i ON i.incident_id = e.incident_id WHERE e.bundle_id = ?1 AND i.site_id = ?2 AND i.host_id = ?3 AND i.cause = ?4 LIMIT 1",
                     params![bundle, obs.site_id, obs.host_id, obs.cause],
                     |r| r.get(0),
@@ -196,7 +196,7 @@ impl IncidentStore for SqliteStore {
                 } else {
                     open.severity.clone()
                 };
-                tx.execute(
+                tx.cached_exec(
                     "UPDATE incidents SET severity = ?2, summary = ?3, recommended = COALESCE(?4, recommended), hipaa_controls = ?5 WHERE incident_id = ?1",
                     params![open.incident_id, severity, obs.summary, recommended, controls],
                 )
@@ -205,7 +205,7 @@ impl IncidentStore for SqliteStore {
                 Observed::Updated(open.incident_id)
             }
             None => {
-                tx.execute(
+                tx.cached_exec(
                     "INSERT INTO incidents (incident_id, site_id, host_id, cause, check_name, state, severity, hipaa_controls, summary, recommended, opened_at, updated_at, event_count, plan_state)
                      VALUES (?1, ?2, ?3, ?4, ?5, 'open', ?6, ?7, ?8, ?9, ?10, ?10, 0, 'wanted')",
                     params![new_id, obs.site_id, obs.host_id, obs.cause, obs.check, obs.severity, controls, obs.summary, recommended, micros(obs.at)],
@@ -227,6 +227,15 @@ impl IncidentStore for SqliteStore {
         cause: &str,
         how: &Resolution,
     ) -> Result<Option<String>> {
+        // Most bundles resolve nothing: look on a reader first, so that intake takes the
+        // one writer only for its group commit (and here only when there is an incident).
+        {
+            let reader = self.reader()?;
+            self.visible_host(&reader, caller, site_id, host_id)?;
+            if open_of(&reader, site_id, host_id, cause)?.is_none() {
+                return Ok(None);
+            }
+        }
         let mut conn = self.conn()?;
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -266,7 +275,7 @@ impl IncidentStore for SqliteStore {
     }
 
     fn incident(&self, caller: &Caller, incident_id: &str) -> Result<Option<IncidentRecord>> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         match self.visible_incident(&conn, caller, incident_id) {
             Ok(i) => Ok(Some(i)),
             Err(StoreError::NotFound(_)) => Ok(None),
@@ -275,7 +284,7 @@ impl IncidentStore for SqliteStore {
     }
 
     fn incidents(&self, caller: &Caller, filter: &IncidentFilter) -> Result<Vec<IncidentRecord>> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let (clause, mut values) = scope(caller, "i.site_id", "s.reseller_id", "i.host_id");
         let mut sql = format!(
             "SELECT {COLS} FROM incidents i JOIN sites s ON s.site_id = i.site_id WHERE {clause}"
@@ -306,7 +315,7 @@ impl IncidentStore for SqliteStore {
     }
 
     fn incident_events(&self, caller: &Caller, incident_id: &str) -> Result<Vec<IncidentEvent>> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         self.visible_incident(&conn, caller, incident_id)?;
         let mut stmt = conn
             .prepare("SELECT id, incident_id, at, kind, bundle_id, order_id, actor, detail FROM incident_events WHERE incident_id = ?1 ORDER BY id")
@@ -343,7 +352,7 @@ impl IncidentStore for SqliteStore {
         let conn = self.conn()?;
         self.visible_incident(&conn, caller, incident_id)?;
         let changed = conn
-            .execute(
+            .cached_exec(
                 "UPDATE incidents SET plan_state = ?2, plan = COALESCE(?3, plan), order_id = COALESCE(?4, order_id), claimed_at = CASE WHEN ?2 = 'claimed' THEN claimed_at ELSE NULL END WHERE incident_id = ?1 AND state = 'open'",
                 params![incident_id, plan_state.as_str(), plan.map(Value::to_string), order_id],
             )
@@ -385,7 +394,7 @@ impl IncidentStore for SqliteStore {
         };
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            tx.execute(
+            tx.cached_exec(
                 "UPDATE incidents SET plan_state = 'claimed', claimed_at = ?2 WHERE incident_id = ?1",
                 params![id, micros(now)],
             )
@@ -403,9 +412,9 @@ impl IncidentStore for SqliteStore {
         caller: &Caller,
         order_id: &str,
     ) -> Result<Option<IncidentRecord>> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let found = conn
-            .query_row(
+            .cached_row(
                 &format!("SELECT {COLS} FROM incidents i WHERE i.order_id = ?1 ORDER BY i.opened_at DESC LIMIT 1"),
                 params![order_id],
                 incident_row,
@@ -419,11 +428,11 @@ impl IncidentStore for SqliteStore {
     }
 
     fn site_executor_mode(&self, caller: &Caller, site_id: &str) -> Result<Option<String>> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         let site = Self::site_in(&conn, site_id)?
             .ok_or_else(|| StoreError::NotFound(format!("site {site_id}")))?;
         require_sees(caller, &site, &format!("site {site_id}"))?;
-        conn.query_row(
+        conn.cached_row(
             "SELECT executor_mode FROM sites WHERE site_id = ?1",
             params![site_id],
             |r| r.get(0),
@@ -444,7 +453,7 @@ impl IncidentStore for SqliteStore {
         let site = Self::site_in(&conn, site_id)?
             .ok_or_else(|| StoreError::NotFound(format!("site {site_id}")))?;
         require_sees(caller, &site, &format!("site {site_id}"))?;
-        conn.execute(
+        conn.cached_exec(
             "UPDATE sites SET executor_mode = ?2 WHERE site_id = ?1",
             params![site_id, mode],
         )
@@ -453,9 +462,9 @@ impl IncidentStore for SqliteStore {
     }
 
     fn min_seq(&self, caller: &Caller, site_id: &str, host_id: &str) -> Result<Option<u64>> {
-        let conn = self.conn()?;
+        let conn = self.reader()?;
         self.visible_host(&conn, caller, site_id, host_id)?;
-        conn.query_row(
+        conn.cached_row(
             "SELECT MIN(seq) FROM bundles WHERE site_id = ?1 AND host_id = ?2",
             params![site_id, host_id],
             |r| r.get::<_, Option<i64>>(0),

@@ -6,7 +6,7 @@ use compliance_agent::tlog::{Hash, NodeId};
 use jiff::Timestamp;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::{SqliteStore, db, micros, ts};
+use super::{Cached, SqliteStore, db, micros, ts};
 use crate::auth::Caller;
 use crate::store::Result;
 use crate::store::tlog::{
@@ -81,7 +81,7 @@ impl LogTx for SqliteLogTx<'_> {
                 .map_err(db)?;
         }
         self.tx
-            .execute(
+            .cached_exec(
                 "UPDATE tlog_head SET tree_size = ?1 WHERE id = 1",
                 params![index_sql(new_size)?],
             )
@@ -115,7 +115,7 @@ impl LogTx for SqliteLogTx<'_> {
 
     fn put_checkpoint(&mut self, c: &SignedCheckpoint) -> Result<()> {
         self.tx
-            .execute(
+            .cached_exec(
                 "INSERT INTO tlog_checkpoints (tree_size, root, note, signed_at) VALUES (?1, ?2, ?3, ?4)",
                 params![index_sql(c.tree_size)?, &c.root[..], c.note, micros(c.signed_at)],
             )
@@ -137,7 +137,7 @@ impl LogTx for SqliteLogTx<'_> {
 
 fn head_size(conn: &Connection) -> Result<u64> {
     let size: i64 = conn
-        .query_row("SELECT tree_size FROM tlog_head WHERE id = 1", [], |r| {
+        .cached_row("SELECT tree_size FROM tlog_head WHERE id = 1", [], |r| {
             r.get(0)
         })
         .map_err(db)?;
@@ -205,7 +205,7 @@ impl SqliteStore {
     /// Pending when the bundle is queued and visible to the caller, else unknown.
     fn queued_lookup(conn: &Connection, caller: &Caller, bundle_id: &str) -> Result<LeafLookup> {
         let row: Option<(String, String, Option<String>)> = conn
-            .query_row(
+            .cached_row(
                 "SELECT b.site_id, b.host_id, s.reseller_id FROM tlog_queue q JOIN bundles b ON b.bundle_id = q.bundle_id
                  JOIN sites s ON s.site_id = b.site_id WHERE q.bundle_id = ?1",
                 params![bundle_id],
@@ -247,7 +247,7 @@ impl LogStore for SqliteStore {
     fn log_queued(&self) -> Result<u64> {
         let n: i64 = self
             .conn()?
-            .query_row("SELECT COUNT(*) FROM tlog_queue", [], |r| r.get(0))
+            .cached_row("SELECT COUNT(*) FROM tlog_queue", [], |r| r.get(0))
             .map_err(db)?;
         Ok(n.max(0) as u64)
     }
@@ -258,7 +258,7 @@ impl LogStore for SqliteStore {
 
     fn log_latest(&self) -> Result<Option<SignedCheckpoint>> {
         self.conn()?
-            .query_row(
+            .cached_row(
                 &format!(
                     "SELECT {CHECKPOINT_COLS} FROM tlog_checkpoints ORDER BY tree_size DESC LIMIT 1"
                 ),
@@ -273,7 +273,7 @@ impl LogStore for SqliteStore {
 
     fn log_checkpoint(&self, tree_size: u64) -> Result<Option<SignedCheckpoint>> {
         self.conn()?
-            .query_row(
+            .cached_row(
                 &format!("SELECT {CHECKPOINT_COLS} FROM tlog_checkpoints WHERE tree_size = ?1"),
                 params![index_sql(tree_size)?],
                 checkpoint_row,
@@ -305,7 +305,7 @@ impl LogStore for SqliteStore {
     fn log_leaf(&self, caller: &Caller, bundle_id: &str) -> Result<LeafLookup> {
         let conn = self.conn()?;
         let row = conn
-            .query_row(
+            .cached_row(
                 &format!("SELECT {LEAF_COLS} FROM tlog_leaves l JOIN sites s ON s.site_id = l.site_id WHERE l.bundle_id = ?1"),
                 params![bundle_id],
                 leaf_row,

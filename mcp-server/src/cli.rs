@@ -811,8 +811,8 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             let req = crate::export::ExportRequest {
                 site_id: site,
-                from: parse_when("--from", &from)?,
-                to: parse_when("--to", &to)?,
+                from: crate::export::parse_when("--from", &from)?,
+                to: crate::export::parse_when("--to", &to)?,
                 out,
             };
             let s = crate::export::export(&svc, &caller, &req)?;
@@ -875,22 +875,6 @@ fn token_caller(svc: &Services, path: &Path) -> Result<Caller> {
         tenants: op.tenants,
         peer: None,
     })
-}
-
-/// A date (midnight UTC) or an RFC 3339 time.
-fn parse_when(flag: &str, text: &str) -> Result<Timestamp> {
-    if let Ok(t) = text.parse::<Timestamp>() {
-        return Ok(t);
-    }
-    text.parse::<jiff::civil::Date>()
-        .ok()
-        .and_then(|d| d.to_zoned(jiff::tz::TimeZone::UTC).ok())
-        .map(|z| z.timestamp())
-        .ok_or_else(|| {
-            Error::Invalid(format!(
-                "{flag} {text:?} is neither a date (2026-11-01) nor an RFC 3339 time (2026-11-01T00:00:00Z)"
-            ))
-        })
 }
 
 fn log_command(svc: &Services, caller: &Caller, cmd: LogCommand) -> Result<()> {

@@ -568,6 +568,87 @@ impl Drop for Chromedriver {
     }
 }
 
+/// Invariant: the console's auditor export is the CLI's package: the site's auditor
+/// downloads it as a tar that `compliance-agent export verify` accepts with the log key
+/// from a box; another reseller's operator gets no export of the site, and the refusal
+/// is audited.
+#[test]
+fn the_auditor_downloads_a_verifiable_export_and_others_cannot() -> TestResult {
+    let fleet = Fleet::start();
+    let (agent, base) = (browserless(&fleet.server.ca_pem()), fleet.ops_url());
+    let audrey = session(&sign_in(&agent, &base, &fleet.audrey.token));
+    let form = get(&agent, &format!("{base}/console/export"), Some(&audrey));
+    assert_eq!(form.status, 200, "{}", form.body);
+    assert!(
+        form.body.contains("<option value=\"clinic-1\">"),
+        "{}",
+        form.body
+    );
+    assert!(
+        !form.body.contains("dental-9"),
+        "only its own sites: {}",
+        form.body
+    );
+
+    let today = Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC).date();
+    let (from, to) = (
+        today.checked_sub(jiff::Span::new().days(2))?.to_string(),
+        today.checked_add(jiff::Span::new().days(1))?.to_string(),
+    );
+    let url = format!("{base}/console/export/download?site=clinic-1&from={from}&to={to}");
+    let mut r = agent.get(&url).header("Cookie", &audrey).call()?;
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        r.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("application/x-tar")
+    );
+    let tar_bytes = r.body_mut().with_config().limit(64 << 20).read_to_vec()?;
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("export.tar"), &tar_bytes)?;
+    let untar = Command::new("tar")
+        .args(["-xf", "export.tar"])
+        .current_dir(dir.path())
+        .status()?;
+    assert!(untar.success());
+    let top = dir.path().join(format!("clinic-1-{from}-{to}"));
+    let verify = Command::new(common::agent_binary())
+        .arg("export")
+        .arg("verify")
+        .arg(&top)
+        .arg("--log-key")
+        .arg(common::state_dir(&fleet.server).join("log.vkey"))
+        .output()?;
+    let out = String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        verify.status.success(),
+        "compliance-agent export verify: {out}"
+    );
+    assert!(
+        out.contains("host ws-1") && out.contains("host ws-2"),
+        "{out}"
+    );
+
+    let otto = session(&sign_in(&agent, &base, &fleet.otto.token));
+    let a = get(&agent, &url, Some(&otto));
+    assert_eq!(a.status, 422, "{}", a.body);
+    assert!(a.body.contains("no site clinic-1"), "{}", a.body);
+    assert!(
+        fleet
+            .server
+            .svc()
+            .store
+            .audit(&Caller::local("test"), 1000)?
+            .iter()
+            .any(|e| e.action == "site.export"
+                && e.actor == "operator:otto"
+                && e.outcome == "refused"),
+        "the refusal is audited"
+    );
+    Ok(())
+}
+
 fn require(binary: &str) -> PathBuf {
     for dir in ["/usr/bin", "/usr/local/bin"] {
         let p = Path::new(dir).join(binary);

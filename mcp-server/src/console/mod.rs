@@ -7,6 +7,7 @@
 //! the session's CSRF token and every POST checks it; the sign-in form, before any
 //! session exists, uses a double-submit cookie. No page runs a script.
 
+mod export;
 mod incidents;
 mod pages;
 
@@ -47,6 +48,7 @@ pub const NAV: &[(&str, &str)] = &[
     ("/console/orders", "Orders"),
     ("/console/tokens", "Enrollment tokens"),
     ("/console/audit", "Audit log"),
+    ("/console/export", "Auditor export"),
     ("/console/account", "Account"),
 ];
 
@@ -67,6 +69,7 @@ const TEMPLATES: &[(&str, &str)] = &[
         include_str!("templates/token_created.html"),
     ),
     ("audit.html", include_str!("templates/audit.html")),
+    ("export.html", include_str!("templates/export.html")),
     ("account.html", include_str!("templates/account.html")),
     ("message.html", include_str!("templates/message.html")),
 ];
@@ -149,6 +152,8 @@ pub fn router(svc: Services) -> crate::Result<Router> {
             post(pages::token_revoke),
         )
         .route("/console/audit", get(pages::audit))
+        .route("/console/export", get(export::form))
+        .route("/console/export/download", get(export::download))
         .route("/console/account", get(pages::account))
         .route("/console/account/password", post(pages::set_password))
         .route(

@@ -67,6 +67,30 @@ pub struct ExportedBundle {
     pub in_period: bool,
 }
 
+/// A date (midnight UTC) or an RFC 3339 time.
+pub fn parse_when(flag: &str, text: &str) -> Result<Timestamp> {
+    if let Ok(t) = text.parse::<Timestamp>() {
+        return Ok(t);
+    }
+    text.parse::<jiff::civil::Date>()
+        .ok()
+        .and_then(|d| d.to_zoned(jiff::tz::TimeZone::UTC).ok())
+        .map(|z| z.timestamp())
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "{flag} {text:?} is neither a date (2026-11-01) nor an RFC 3339 time (2026-11-01T00:00:00Z)"
+            ))
+        })
+}
+
+/// The export directory `dir` as a tar archive whose entries sit under `top/`.
+pub fn tar(dir: &Path, top: &str) -> Result<Vec<u8>> {
+    let mut b = ::tar::Builder::new(Vec::new());
+    b.mode(::tar::HeaderMode::Deterministic);
+    b.append_dir_all(top, dir).map_err(Error::io(dir))?;
+    b.into_inner().map_err(Error::io(dir))
+}
+
 /// Loads the export key, making it (and its public key) on first use.
 pub fn export_key(svc: &Services) -> Result<SigningKey> {
     let (key_path, pub_path) = (&svc.paths.export_key, &svc.paths.export_pubkey);

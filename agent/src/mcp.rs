@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use ureq::tls::{Certificate, ClientCert, PemItem, PrivateKey, RootCerts, TlsConfig, TlsProvider};
 
 use crate::config::Config;
-use crate::evidence::{BUNDLE_FILE, SIGNATURE_FILE};
+use crate::evidence::{BUNDLE_FILE, Check, SIGNATURE_FILE};
 use crate::queue::{Failure, Queue, Upload, UploadState, unix_now};
 
 /// The protocol version this client speaks.
@@ -392,9 +392,8 @@ impl McpClient {
     /// Sends one stored bundle: to the evidence endpoint, or to its order's result endpoint.
     pub fn upload(&self, dir: &Path, order_id: Option<&str>) -> Result<UploadAck> {
         let (json, sig) = read_bundle(dir)?;
-        let bundle_id: String = serde_json::from_slice::<IdView>(&json)
-            .map(|v| v.bundle_id)
-            .map_err(|e| McpError::Bundle {
+        let IdView { bundle_id, check } =
+            serde_json::from_slice::<IdView>(&json).map_err(|e| McpError::Bundle {
                 dir: dir.to_owned(),
                 reason: format!("{BUNDLE_FILE} is not a bundle ({e})"),
             })?;
@@ -421,11 +420,13 @@ impl McpClient {
                 ),
             });
         }
-        self.upload_sbom(dir, &json, &bundle_id)?;
+        if check.as_deref() == Some(Check::Sbom.as_str()) {
+            self.upload_sbom(dir, &json, &bundle_id)?;
+        }
         Ok(ack)
     }
 
-    /// After an sbom bundle is acknowledged, its document (sbom.cdx.json beside it):
+    /// After an sbom bundle is acknowledged (the only bundles parsed whole here), its document (sbom.cdx.json beside it):
     /// `PUT .../bundles/ID/sbom`. The row stays queued until this succeeds too; sent
     /// again, the bundle is a duplicate and the document replaces nothing newer.
     fn upload_sbom(&self, dir: &Path, json: &[u8], bundle_id: &str) -> Result<()> {
@@ -570,6 +571,8 @@ impl McpClient {
 #[derive(Deserialize)]
 struct IdView {
     bundle_id: String,
+    #[serde(default)]
+    check: Option<String>,
 }
 
 fn read_bundle(dir: &Path) -> Result<(Vec<u8>, Vec<u8>)> {

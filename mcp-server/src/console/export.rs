@@ -75,31 +75,24 @@ pub async fn download(
         }
     };
     let (svc, caller) = (st.svc.clone(), v.caller.clone());
-    let name = format!("{}-{}-{}", q.site, q.from, q.to);
+    let name = safe_name(&format!("{}-{}-{}", q.site, q.from, q.to));
+    let top = name.clone();
     let built = attempt!(
         work(move || -> crate::Result<Vec<u8>> {
-            let req = crate::export::ExportRequest {
-                site_id: q.site.clone(),
-                from: crate::export::parse_when("from", &q.from)?,
-                to: crate::export::parse_when("to", &q.to)?,
-                out: std::path::PathBuf::new(),
-            };
             let scratch = svc
                 .paths
                 .state_dir
                 .join("exports")
                 .join(format!(".console-{}", uuid::Uuid::new_v4().simple()));
+            let req = crate::export::ExportRequest {
+                from: crate::export::parse_when("from", &q.from)?,
+                to: crate::export::parse_when("to", &q.to)?,
+                site_id: q.site,
+                out: scratch.join("export"),
+            };
             std::fs::create_dir_all(&scratch).map_err(crate::Error::io(&scratch))?;
-            let out = scratch.join("export");
-            let r = crate::export::export(
-                &svc,
-                &caller,
-                &crate::export::ExportRequest {
-                    out: out.clone(),
-                    ..req
-                },
-            )
-            .and_then(|_| crate::export::tar(&out, &req_name(&q)));
+            let r = crate::export::export(&svc, &caller, &req)
+                .and_then(|_| crate::export::tar(&req.out, &top));
             let _ = std::fs::remove_dir_all(&scratch);
             r
         })
@@ -111,7 +104,7 @@ pub async fn download(
                 (header::CONTENT_TYPE, "application/x-tar".to_owned()),
                 (
                     header::CONTENT_DISPOSITION,
-                    format!("attachment; filename=\"{}.tar\"", safe_name(&name)),
+                    format!("attachment; filename=\"{name}.tar\""),
                 ),
             ],
             tar,
@@ -127,10 +120,6 @@ pub async fn download(
             &e.to_string(),
         ),
     }
-}
-
-fn req_name(q: &ExportQuery) -> String {
-    safe_name(&format!("{}-{}-{}", q.site, q.from, q.to))
 }
 
 /// A file name of letters, digits, `.`, `-` and `_` only.
